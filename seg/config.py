@@ -192,6 +192,11 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{path}: the file is empty. Write at least one section, e.g. 'train: {{epochs: 5}}'.")
     try:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.constructor.ConstructorError as error:
+        if "could not determine a constructor" in str(error):
+            raise ConfigError(f"{path}: YAML tags such as !!python/object are refused (plain "
+                              f"values only): {error}") from None
+        raise ConfigError(f"{path}: {error}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: invalid YAML: {error}") from None
 
