@@ -23,3 +23,7 @@ class DivergenceError(SegError):
 
 class WeightsNotFoundError(SegError):
     """Pretrained weights were asked for but are not available offline."""
+
+
+class TrackingError(SegError):
+    """The tracking store, or a search or run asked for in it, is missing or unusable."""

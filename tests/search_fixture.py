@@ -1,0 +1,146 @@
+"""One small real search, shared by the report, retrain and UI tests (loaded with
+``pytest_plugins = ["search_fixture"]``, so that it runs once per session).
+
+4 trials of FCN-32s/ResNet-18 on the ``synthetic_root`` images, 2 at a time, at most 2
+epochs of 2 steps, ASHA stopping some after epoch 1. The first trial is an ``initial``
+point with a learning rate of 10, which diverges: the search holds a failed trial too.
+About 30 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+SPACE = """\
+name: tiny
+description: the shared test search
+fixed:
+  data.root: {root}
+  data.crop_size: [64, 128]
+  data.scale_range: [1.0, 1.0]
+  data.batch_size: 2
+  data.eval_batch_size: 3
+  model.arch: fcn32s
+  model.backbone: resnet18
+  train.max_steps_per_epoch: 2
+space:
+  optim.lr: {{loguniform: [1.0e-3, 10.0]}}
+  optim.momentum: {{uniform: [0.5, 0.95]}}
+initial:
+  - {{optim.lr: 10.0, optim.momentum: 0.95}}
+budget:
+  trials: 4
+  max_epochs: 2
+  concurrency: 2
+  cpus_per_trial: 1
+  seed: 0
+  startup_trials: 4
+  grace_period: 1
+  reduction_factor: 2
+  max_failures: 0
+"""
+
+
+@dataclass(frozen=True)
+class SmallSearch:
+    tracking_uri: str
+    name: str  # the search's name (its parent run's name)
+    parent_run_id: str
+    experiment_id: str
+    result: object  # seg.tuning.search.SearchResult
+    directory: Path  # holds the space file, Ray's storage and the tracking store
+
+
+@pytest.fixture(scope="session")
+def small_search(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> SmallSearch:
+    import mlflow
+
+    from seg.tuning.search import run_search
+    from seg.tuning.space import load_space
+
+    directory = tmp_path_factory.mktemp("small_search")
+    space_file = directory / "tiny.yaml"
+    space_file.write_text(textwrap.dedent(SPACE.format(root=synthetic_root)))
+    uri = f"sqlite:///{directory / 'mlflow.db'}"
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        result = run_search(load_space(space_file), storage=directory / "ray", tracking_uri=uri, num_overlays=1,
+                            verbose=0)
+    finally:  # run_search points this process at its store: give the other tests theirs back
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+        mlflow.set_tracking_uri(before)
+    return SmallSearch(tracking_uri=result.tracking_uri, name=result.search_dir.name,
+                       parent_run_id=result.parent_run_id, experiment_id=result.experiment_id, result=result,
+                       directory=directory)
+
+
+@pytest.fixture(scope="session")
+def fake_search():
+    """:func:`log_fake_search`, for tests (a plugin module cannot be imported by them)."""
+    return log_fake_search
+
+
+def log_fake_search(tracking_uri: str, name: str, scores: list[list[float] | None], sampled: dict | None = None) -> str:
+    """A search-shaped set of MLflow runs without any training, for fast tests: one trial
+    per entry of ``scores`` (its val_miou per epoch; None: a failed trial), the tags of
+    ``seg.tuning.runs``. Returns the parent run id."""
+    from seg.config import Config
+    from seg.tuning import runs, tracking
+
+    tracking.configure_mlflow(tracking_uri)
+    client = tracking.get_client()
+    experiment_id = tracking.get_or_create_experiment(name, client)
+    parent = tracking.start_run(experiment_id, name, {runs.TAG_ROLE: "search", runs.TAG_SEARCH_DIR: f"/x/{name}"},
+                                client=client)
+    sampled = sampled or {"optim.lr": [0.001, 0.01, 0.1, 0.05, 0.003, 0.02]}
+    for index, history in enumerate(scores):
+        run_id = tracking.start_run(experiment_id, f"trial_{index}", parent_run_id=parent, client=client,
+                                    tags={runs.TAG_ROLE: "trial", runs.TAG_TRIAL_ID: f"t{index}",
+                                          "seg.sampled_keys": ",".join(sampled)})
+        values = {key: options[index % len(options)] for key, options in sampled.items()}
+        tracking.log_config(run_id, Config().with_overrides(values), client)
+        for epoch, value in enumerate(history or [], 1):
+            tracking.log_metrics(run_id, {"val_miou": value, "train_loss": 1.0 / epoch}, epoch, client)
+        state = {runs.TAG_STATE: "completed" if history else "failed"}
+        if history is None:
+            state[tracking.TAG_FAILURE_REASON] = "DivergenceError: training diverged"
+        tracking.log_tags(run_id, state, client)
+        tracking.end_run(run_id, "FINISHED" if history else "FAILED", client=client)
+    tracking.end_run(parent, client=client)
+    return parent
+
+
+@dataclass(frozen=True)
+class ScriptResult:
+    code: int
+    out: str
+    error: str  # the last line on stderr ('' when none)
+
+
+@pytest.fixture
+def run_script(capsys: pytest.CaptureFixture):
+    """``run_script("report", [...])``: calls ``scripts/report.py``'s ``main`` in this process and
+    returns its exit code, stdout and last stderr line, checking that no traceback was printed."""
+    from importlib import util
+
+    def run(name: str, argv: list[str]) -> ScriptResult:
+        spec = util.spec_from_file_location(f"{name}_script", SCRIPTS / f"{name}.py")
+        module = util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        code = module.main(argv)
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err
+        lines = captured.err.strip().splitlines()
+        return ScriptResult(code, captured.out, lines[-1] if lines else "")
+
+    return run
