@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Train one configuration and track it in MLflow.
+
+  python scripts/train.py experiments/quick.yaml
+  python scripts/train.py experiments/fcn8s_vgg16.yaml data.root=/data/cityscapes optim.lr=0.005 \\
+      --run-name vgg-lr5e-3 --experiment fcn8s
+
+Overrides are dotted config keys (``optim.lr=0.01``). Checkpoints go to
+``outputs/<run name>`` (or ``--out-dir``). The run is logged to ``--tracking-uri``, else
+``$MLFLOW_TRACKING_URI``, else ``sqlite:///<repo>/mlflow.db``: params (the whole config),
+per-epoch metrics, the per-class IoU table of the best epoch, prediction overlays and the
+best/last checkpoints. See them with ``mlflow ui --backend-store-uri <uri>``.
+
+Exit status: 0 on success, 2 for an expected error (bad config or data, unreadable
+checkpoint, diverged training, missing weights) with a one-line message, 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from seg.config import load_config
+from seg.errors import CheckpointError, ConfigError, DataError, DivergenceError, WeightsNotFoundError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+OUTPUTS = REPO_ROOT / "outputs"
+EXPECTED_ERRORS = (ConfigError, DataError, CheckpointError, DivergenceError, WeightsNotFoundError)
+
+
+def output_dir(run_name: str, out_dir: str | None) -> Path:
+    """``--out-dir`` if given, else ``outputs/<run name>``; a name that leaves ``outputs/`` is refused."""
+    if out_dir is not None:
+        return Path(out_dir).absolute()
+    if (not run_name or run_name in (".", "..") or "/" in run_name or "\\" in run_name or "\0" in run_name
+            or Path(run_name).is_absolute()):
+        raise ConfigError(f"--run-name {run_name!r} must be a plain name (no '/', not '..'): it names the "
+                          f"directory {OUTPUTS}/<run name>; use --out-dir to write elsewhere")
+    target = (OUTPUTS / run_name).resolve()
+    if target.parent != OUTPUTS.resolve():
+        raise ConfigError(f"--run-name {run_name!r} leaves the output directory {OUTPUTS}")
+    return target
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    # `kill`, `timeout` and schedulers send SIGTERM: end the MLflow run KILLED, as for Ctrl-C,
+    # rather than dying with it RUNNING
+    raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="experiment YAML, e.g. experiments/quick.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.01")
+    parser.add_argument("--out-dir", default=None, help="checkpoint directory (default: outputs/<run name>)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///<repo>/mlflow.db)")
+    parser.add_argument("--experiment", default="train", help="MLflow experiment name (default: train)")
+    parser.add_argument("--run-name", default=None, help="MLflow run name (default: <config name>-<time>)")
+    parser.add_argument("--resume", default=None, metavar="CHECKPOINT",
+                        help="continue training from a checkpoint (e.g. outputs/<run>/last.pt)")
+    args = parser.parse_args(argv)
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
+    logging.getLogger("seg").setLevel(logging.INFO)
+    try:
+        # everything that can be checked is checked before a run is created
+        cfg = load_config(args.config, args.overrides)
+        run_name = args.run_name or f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out_dir = output_dir(run_name, args.out_dir)
+        if args.resume is None and (out_dir / "last.pt").exists():
+            raise ConfigError(f"{out_dir} already holds a checkpoint: pass --resume {out_dir / 'last.pt'} to "
+                              f"continue it, or choose another --run-name or --out-dir")
+        if args.resume is not None and not Path(args.resume).is_file():
+            raise CheckpointError(f"{args.resume}: no such checkpoint file")
+
+        from seg.tuning import tracking  # imports mlflow: only once the arguments are known to be good
+
+        uri = tracking.configure_mlflow(args.tracking_uri)
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        experiment_id = tracking.get_or_create_experiment(args.experiment)
+        run_id = tracking.start_run(experiment_id, run_name, tags={
+            "seg.command": "train", "seg.config_file": Path(args.config).absolute(), "seg.out_dir": out_dir,
+            "seg.overrides": " ".join(args.overrides)})
+        print(f"mlflow run {run_id} ('{run_name}') in experiment '{args.experiment}' at {uri}")
+        result = tracking.tracked_fit(cfg, out_dir, run_id, resume=args.resume)
+    except EXPECTED_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as interrupt:
+        print(f"interrupted{f' ({interrupt})' if str(interrupt) else ''}", file=sys.stderr)
+        return 130
+    print(f"done: best val mIoU {result.best_miou:.4f} at epoch {result.best_epoch}; checkpoints in {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
