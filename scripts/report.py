@@ -32,13 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from seg.errors import SegError
+    from seg.paths import safe_child
     from seg.tuning.report import connect, load_search, write_report
 
     started = time.perf_counter()
     try:
         client = connect(args.tracking_uri)
         search = load_search(client, args.search)
-        out = Path(args.out) if args.out else REPO_ROOT / "experiments" / search.name
+        out = Path(args.out) if args.out else safe_child(REPO_ROOT / "experiments", search.name, "search name")
         path = write_report(search, out, client, log_to_parent=not args.no_log)
     except SegError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("seg").setLevel(logging.INFO)
     from seg.config import parse_overrides
     from seg.errors import SegError
+    from seg.paths import safe_child
     from seg.tuning.report import connect
     from seg.tuning.retrain import retrain, select_sources
 
@@ -68,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         client = connect(args.tracking_uri)
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         search, trials = select_sources(client, args.search, args.run_id, args.top_k)
-        work_dir = Path(args.work_dir) if args.work_dir else REPO_ROOT / "outputs" / "retrain" / search.name
-        report_dir = Path(args.out) if args.out else REPO_ROOT / "experiments" / search.name
+        work_dir = (Path(args.work_dir) if args.work_dir
+                    else safe_child(REPO_ROOT / "outputs" / "retrain", search.name, "search name"))
+        report_dir = Path(args.out) if args.out else safe_child(REPO_ROOT / "experiments", search.name, "search name")
         result = retrain(client, search, trials, seeds=args.seeds, epochs=args.epochs, train_val=args.train_val,
                          overrides=overrides, work_dir=work_dir, report_dir=report_dir, model_name=args.model_name,
                          register=not args.no_register)

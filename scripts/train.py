@@ -24,8 +24,11 @@ import sys
 import time
 from pathlib import Path
 
+from seg.checkpoint import load_checkpoint
 from seg.config import load_config
+from seg.data.cityscapes import CityscapesSegmentation, resolve_data_root
 from seg.errors import CheckpointError, ConfigError, DataError, DivergenceError, WeightsNotFoundError
+from seg.paths import safe_child
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OUTPUTS = REPO_ROOT / "outputs"
@@ -36,14 +39,7 @@ def output_dir(run_name: str, out_dir: str | None) -> Path:
     """``--out-dir`` if given, else ``outputs/<run name>``; a name that leaves ``outputs/`` is refused."""
     if out_dir is not None:
         return Path(out_dir).absolute()
-    if (not run_name or run_name in (".", "..") or "/" in run_name or "\\" in run_name or "\0" in run_name
-            or Path(run_name).is_absolute()):
-        raise ConfigError(f"--run-name {run_name!r} must be a plain name (no '/', not '..'): it names the "
-                          f"directory {OUTPUTS}/<run name>; use --out-dir to write elsewhere")
-    target = (OUTPUTS / run_name).resolve()
-    if target.parent != OUTPUTS.resolve():
-        raise ConfigError(f"--run-name {run_name!r} leaves the output directory {OUTPUTS}")
-    return target
+    return safe_child(OUTPUTS, run_name, "--run-name")
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -76,8 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume is None and (out_dir / "last.pt").exists():
             raise ConfigError(f"{out_dir} already holds a checkpoint: pass --resume {out_dir / 'last.pt'} to "
                               f"continue it, or choose another --run-name or --out-dir")
-        if args.resume is not None and not Path(args.resume).is_file():
-            raise CheckpointError(f"{args.resume}: no such checkpoint file")
+        if args.resume is not None:
+            load_checkpoint(args.resume)  # unreadable or malicious: refused before a run exists
+        root = resolve_data_root(cfg.data.root)
+        for split in (cfg.data.train_split, cfg.data.val_split):
+            CityscapesSegmentation(root, split)  # validates the files up front, naming any bad one
 
         from seg.tuning import tracking  # imports mlflow: only once the arguments are known to be good
 

@@ -220,11 +220,6 @@ def test_train_reports_bad_data_naming_the_file(damaged, tiny_config, tmp_path, 
     assert not (tmp_path / "out" / "last.pt").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="train.py creates its MLflow run (ended FAILED) before the data is "
-                                       "opened: scripts/train.py main, before `from seg.tuning import tracking`: "
-                                       "open both splits, e.g. root = resolve_data_root(cfg.data.root); "
-                                       "[CityscapesSegmentation(root, s) for s in (cfg.data.train_split, "
-                                       "cfg.data.val_split)] (as run_search's _with_checked_data does)")
 @pytest.mark.parametrize("damaged", ["missing label", "wrong root"], indirect=True)
 def test_train_creates_no_run_for_bad_data(damaged, tiny_config, tmp_path, shared_store, capsys):
     code, error, created = train_on(damaged, tiny_config, tmp_path, shared_store, capsys)

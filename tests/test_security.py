@@ -373,10 +373,6 @@ def _inside(path: Path, base: Path) -> bool:
     return Path(os.path.abspath(path)).is_relative_to(os.path.abspath(base))
 
 
-@pytest.mark.xfail(strict=True, reason="report.py's default output dir experiments/<search name> takes the "
-                                       "parent run's name unchecked: scripts/report.py main: "
-                                       "out = Path(args.out) if args.out else safe_child(REPO_ROOT / "
-                                       "'experiments', search.name, 'search name')")
 def test_report_default_directory_stays_in_experiments(escaping_search, monkeypatch, capsys):
     from seg.tuning import report
 
@@ -390,10 +386,6 @@ def test_report_default_directory_stays_in_experiments(escaping_search, monkeypa
     assert code == 2 or all(_inside(path, REPO / "experiments") for path in written), written
 
 
-@pytest.mark.xfail(strict=True, reason="retrain.py's default work and report dirs take the parent run's name "
-                                       "unchecked: scripts/retrain.py main: use safe_child(REPO_ROOT / 'outputs' "
-                                       "/ 'retrain', search.name) and safe_child(REPO_ROOT / 'experiments', "
-                                       "search.name)")
 def test_retrain_default_directories_stay_in_the_repository(escaping_search, monkeypatch, capsys):
     from seg.tuning import retrain
 
