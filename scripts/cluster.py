@@ -107,7 +107,7 @@ def cmdline(pid: int) -> str:
 
 
 def process_table() -> dict[int, tuple[int, int]]:
-    """pid -> (parent pid, process group) for every process we can see."""
+    """pid -> (parent pid, process group) for every live (non-zombie) process we can see."""
     table = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -115,6 +115,8 @@ def process_table() -> dict[int, tuple[int, int]]:
         try:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
+            continue
+        if fields[0] == "Z":  # a zombie is dead for our purposes (see pid_alive)
             continue
         table[int(entry.name)] = (int(fields[1]), int(fields[2]))
     return table
@@ -395,10 +397,17 @@ def wait_for_ray_nodes(address: str, count: int, env: dict[str, str], log: Path,
 def stop_ray(nodes: list[dict]) -> set[int]:
     """Stops every process of these nodes (all at once: a throwaway cluster needs no
     orderly drain, and the GCS can take long to honour SIGTERM)."""
-    pids: set[int] = set()
-    for node in nodes:
-        pids |= cluster_processes([node["pgid"]], node["temp_dir"])
-    return terminate(pids)
+    # A dying raylet can still fork workers and agents: collect and stop again until none is left.
+    survivors: set[int] = set()
+    for _ in range(5):
+        pids: set[int] = set()
+        for node in nodes:
+            pids |= cluster_processes([node["pgid"]], node["temp_dir"])
+        if not pids:
+            break
+        survivors = terminate(pids)
+        time.sleep(1.0)
+    return survivors
 
 
 # --- commands --------------------------------------------------------------------------------
@@ -491,6 +500,14 @@ def take_down(state: dict, keep_runtime: bool = False) -> list[str]:
     if "postgres" in state and not stop_postgres(state["postgres"]):
         problems.append(f"PostgreSQL (pid {state['postgres']['pid']}) still alive")
     runtime = state.get("runtime_dir")
+    if runtime and not problems:
+        # Last sweep over everything that carries this cluster's directory on its command line
+        # (Ray's agents and client server can outlive their raylet by a minute).
+        groups = [state[key]["pid"] for key in ("postgres", "mlflow") if key in state]
+        groups += [node["pgid"] for node in state.get("ray", {}).get("nodes", [])]
+        left = terminate(cluster_processes(groups, runtime))
+        if left:
+            problems.append(f"processes still alive: {sorted(left)}")
     if runtime and not keep_runtime and not problems:
         shutil.rmtree(runtime, ignore_errors=True)
     return problems

@@ -195,7 +195,7 @@ def test_a_ray_task_on_the_second_node_logs_to_the_server(cluster: Cluster, tmp_
 
 SPACE = """\
 name: {name}
-description: two tiny trials on a two-node Ray cluster
+description: four tiny trials on a two-node Ray cluster
 fixed:
   data.crop_size: [64, 128]
   data.scale_range: [1.0, 1.0]
@@ -207,12 +207,12 @@ fixed:
 space:
   optim.lr: {{loguniform: [1.0e-3, 1.0e-1]}}
 budget:
-  trials: 2
+  trials: 4
   max_epochs: 2
   concurrency: 2
   cpus_per_trial: 1
   seed: 0
-  startup_trials: 2
+  startup_trials: 4
   grace_period: 2
   max_failures: 0
 """
@@ -232,14 +232,15 @@ def run_search_on_cluster(cluster: Cluster, synthetic_root: Path, tmp_path: Path
     return done, Path(cluster.state["storage"]) / name
 
 
-def check_search(cluster: Cluster, done: subprocess.CompletedProcess, search_dir: Path, name: str) -> dict:
+def check_search(cluster: Cluster, done: subprocess.CompletedProcess, search_dir: Path, name: str,
+                 both_nodes: bool = True) -> dict:
     from mlflow import MlflowClient
 
     output = done.stdout[-6000:] + done.stderr[-6000:]
     assert done.returncode == 0, output
     summary = json.loads((search_dir / "summary.json").read_text())
     assert not summary["interrupted"], output
-    assert len(summary["trials"]) == 2 and all(t["state"] == "completed" for t in summary["trials"]), summary
+    assert len(summary["trials"]) == 4 and all(t["state"] == "completed" for t in summary["trials"]), summary
 
     client = MlflowClient(cluster.state["mlflow"]["uri"])
     experiment = client.get_experiment_by_name(name)
@@ -263,7 +264,8 @@ def check_search(cluster: Cluster, done: subprocess.CompletedProcess, search_dir
         assert trial["checkpoint"] and Path(trial["checkpoint"]).is_file()
         assert Path(trial["checkpoint"]).is_relative_to(search_dir)
     pids = [json.loads(path.read_text().splitlines()[-1])["pid"] for path in search_dir.glob("*/result.json")]
-    assert {cluster.node_of_pid(pid) for pid in pids} == {0, 1}, pids
+    nodes = {cluster.node_of_pid(pid) for pid in pids}
+    assert nodes == {0, 1} if both_nodes else nodes <= {0, 1}, pids
     return summary
 
 
@@ -278,15 +280,14 @@ def test_search_on_the_cluster_tracks_every_trial_in_postgres(cluster: Cluster, 
 
 @needs_postgres
 @pytest.mark.services
-@pytest.mark.xfail(reason="under Ray Client (ray://) Tuner.fit runs on the head, and run_search reads the trials "
-                          "from a callback object left in that remote process: it finds none, marks the search "
-                          "interrupted and its parent run KILLED", strict=False)
 def test_search_through_ray_client(cluster: Cluster, synthetic_root: Path, tmp_path: Path) -> None:
     address = cluster.state["ray"].get("client_address")
     if not address:
         pytest.skip("Ray Client needs grpcio (pip install 'ray[client]'), so the head has no ray:// server")
     done, search_dir = run_search_on_cluster(cluster, synthetic_root, tmp_path, "cluster-client", address)
-    check_search(cluster, done, search_dir, "cluster-client")
+    # Under Ray Client a finished trial's worker process may take the next trial, so both
+    # trials can land on one node: only the tracking and storage checks apply.
+    check_search(cluster, done, search_dir, "cluster-client", both_nodes=False)
 
 
 # --- the script without services ----------------------------------------------------------------
