@@ -193,7 +193,7 @@ def _probe(cfg: Config, *, timed_steps: int, warmup_steps: int, count_flops: boo
     base = dict(arch=cfg.model.arch, backbone=cfg.model.backbone, batch_size=batch, crop_size=(height, width),
                 device=str(device), precision=precision, channels_last=channels_last)
 
-    with _threads(cfg.train.num_threads), _matmul_precision(device, precision):
+    with torch_threads(cfg.train.num_threads), _matmul_precision(device, precision):
         threads = torch.get_num_threads()
         memory = _MemoryMeter(device)
         model = optimizer = loss_fn = images = targets = None
@@ -250,7 +250,8 @@ def _default_precision(cfg: Config, device: torch.device) -> str:
 
 
 @contextlib.contextmanager
-def _threads(count: int | None):
+def torch_threads(count: int | None):
+    """Run the block with ``count`` torch intra-op threads (None: unchanged), then restore."""
     previous = torch.get_num_threads()
     if count is not None:
         torch.set_num_threads(count)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from seg.bench.report import slug
+from seg.probe import torch_threads
 
 __all__ = ["describe_machine", "matmul_peak", "cpu_model", "available_cores", "load_average"]
 
@@ -122,7 +123,7 @@ def matmul_peak(device: torch.device, precision: str = "fp32", threads: int | No
     dtype = DTYPES[precision]
     sizes = sizes or (CUDA_SIZES if device.type == "cuda" else CPU_SIZES)
     by_size: dict[str, float] = {}
-    with _threads(threads), _tf32(device, precision == "tf32"):
+    with torch_threads(threads), _tf32(device, precision == "tf32"):
         for n in sizes:
             generator = torch.Generator(device="cpu").manual_seed(n)
             a = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
@@ -162,17 +163,6 @@ def _best_time(function, device: torch.device, repeats: int) -> float:
         function()
         best = min(best, time.perf_counter() - started)
     return best
-
-
-@contextlib.contextmanager
-def _threads(count: int | None):
-    previous = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @contextlib.contextmanager
