@@ -45,6 +45,15 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int = 19, ignore
     Raises ValueError when ``target`` holds ids other than classes and ``ignore_index``
     (e.g. raw labelIds that were never mapped to trainIds).
     """
+    counts = _pair_counts(pred, target, num_classes, ignore_index)
+    _check_targets(counts, target, num_classes, ignore_index)
+    return _matrix(counts, num_classes)
+
+
+def _pair_counts(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    """One ``torch.bincount`` over (GT, prediction) pairs: ``num_classes * (num_classes + 1)``
+    matrix bins, then ignored pixels, then pixels whose target is neither a class nor ignored.
+    Reads nothing back to the host, so on a GPU it does not wait for the model."""
     if pred.dim() == target.dim() + 1:
         pred = pred.argmax(dim=1)
     if pred.shape != target.shape:
@@ -59,14 +68,26 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int = 19, ignore
     ignored_bin = n * (n + 1)
     index = torch.where(is_class, target * (n + 1) + pred,
                         torch.where(target == ignore_index, ignored_bin, ignored_bin + 1))
-    counts = torch.bincount(index, minlength=ignored_bin + 2)
-    if counts[-1] > 0:
-        bad = torch.unique(target[~is_class & (target != ignore_index)]).tolist()[:10]
-        raise ValueError(f"target holds ids {bad} that are neither a class (0..{n - 1}) nor the ignore "
-                         f"index {ignore_index}: map labelIds to trainIds first "
-                         f"(seg.data.labels.label_ids_to_train_ids)")
-    counts = counts[:ignored_bin]
-    return counts.reshape(n, n + 1)
+    return torch.bincount(index, minlength=ignored_bin + 2)
+
+
+def _check_targets(counts: Tensor, target: Tensor | None, num_classes: int, ignore_index: int) -> None:
+    bad_pixels = int(counts[-1])
+    if bad_pixels == 0:
+        return
+    if target is not None:
+        target = target.reshape(-1)
+        bad = torch.unique(target[((target < 0) | (target >= num_classes)) & (target != ignore_index)])
+        what = f"ids {bad.tolist()[:10]}"
+    else:
+        what = f"{bad_pixels} pixel(s) with ids"
+    raise ValueError(f"target holds {what} that are neither a class (0..{num_classes - 1}) nor the ignore "
+                     f"index {ignore_index}: map labelIds to trainIds first "
+                     f"(seg.data.labels.label_ids_to_train_ids)")
+
+
+def _matrix(counts: Tensor, num_classes: int) -> Tensor:
+    return counts[:num_classes * (num_classes + 1)].reshape(num_classes, num_classes + 1)
 
 
 def segmentation_metrics(cm: Tensor, class_names: Sequence[str] = CLASS_NAMES) -> dict:
@@ -118,21 +139,33 @@ class ConfusionMatrix:
         if class_names is None:
             class_names = CLASS_NAMES if num_classes == len(CLASS_NAMES) else [str(i) for i in range(num_classes)]
         self.class_names = tuple(class_names)
-        self.matrix: Tensor | None = None
+        self._counts: Tensor | None = None
 
     def update(self, pred: Tensor, target: Tensor) -> None:
-        """Add a batch: class indices or logits (``N x C x H x W``) and trainId targets."""
-        counts = confusion_matrix(pred, target, self.num_classes, self.ignore_index)
-        self.matrix = counts if self.matrix is None else self.matrix + counts.to(self.matrix.device)
+        """Add a batch: class indices or logits (``N x C x H x W``) and trainId targets.
+
+        Never waits for the device: targets that are neither a class nor ignored are
+        counted here and reported by ``compute()``."""
+        counts = _pair_counts(pred, target, self.num_classes, self.ignore_index)
+        self._counts = counts if self._counts is None else self._counts + counts.to(self._counts.device)
+
+    @property
+    def matrix(self) -> Tensor | None:
+        """The ``num_classes x (num_classes + 1)`` confusion matrix so far (None before any batch)."""
+        return None if self._counts is None else _matrix(self._counts, self.num_classes)
 
     def reset(self) -> None:
-        self.matrix = None
+        self._counts = None
 
     def compute(self) -> dict:
-        """:func:`segmentation_metrics` of everything seen since the last reset."""
-        matrix = self.matrix
-        if matrix is None:
+        """:func:`segmentation_metrics` of everything seen since the last reset.
+
+        Raises ValueError when a target held ids other than classes and the ignore index."""
+        if self._counts is None:
             matrix = torch.zeros(self.num_classes, self.num_classes + 1, dtype=torch.long)
+        else:
+            _check_targets(self._counts, None, self.num_classes, self.ignore_index)
+            matrix = self.matrix
         return segmentation_metrics(matrix, self.class_names)
 
 

@@ -104,6 +104,18 @@ def test_target_with_unmapped_label_ids_is_an_error() -> None:
         confusion_matrix(torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long))
 
 
+def test_accumulator_reports_unmapped_label_ids_at_compute() -> None:
+    accumulator = ConfusionMatrix(num_classes=3, class_names=NAMES3)
+    accumulator.update(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 255]))
+    accumulator.update(torch.tensor([0, 1, 2]), torch.tensor([0, 26, 26]))  # no error yet: no host sync
+    with pytest.raises(ValueError, match="2 pixel.*trainIds"):
+        accumulator.compute()
+    assert int(accumulator.matrix.sum()) == 3  # the valid pixels are still counted
+    accumulator.reset()
+    accumulator.update(torch.tensor([1]), torch.tensor([1]))
+    assert accumulator.compute()["iou"]["b"] == 1.0
+
+
 def test_default_names_are_the_19_cityscapes_classes() -> None:
     m = ConfusionMatrix().compute()
     assert tuple(m["iou"]) == CLASS_NAMES and len(CLASS_NAMES) == 19
