@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as nnf
 from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from seg.config import DataConfig
-from seg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from seg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RandomScaleCrop, eval_transform, train_transform
 
 STEP = 12  # an image pixel holds STEP * its label in every channel
 
@@ -115,3 +118,60 @@ def test_eval_transform_normalises_and_rescales() -> None:
     state = torch.get_rng_state()
     eval_transform(DataConfig(eval_scale=0.5))(image, mask)
     assert torch.equal(state, torch.get_rng_state())  # evaluation draws no random numbers
+
+
+def test_scale_crop_at_scale_one_is_a_plain_crop_reaching_every_offset() -> None:
+    image, mask = _encoded_pair(height=40, width=56, block=4)
+    transform = RandomScaleCrop((32, 48))
+    offsets = set()
+    for seed in range(60):
+        out_image, out_mask = _run(transform, image, mask, seed)
+        matches = [(top, left) for top in range(9) for left in range(9)
+                   if torch.equal(out_mask, mask[top:top + 32, left:left + 48])
+                   and torch.equal(out_image, image[:, top:top + 32, left:left + 48])]
+        assert matches, f"seed {seed}: not a crop of the input"
+        offsets.update(matches)
+    tops, lefts = {top for top, _ in offsets}, {left for _, left in offsets}
+    assert {0, 8} <= tops and {0, 8} <= lefts  # both ends of the range are drawn
+
+
+def test_scale_crop_resamples_only_the_window_like_resizing_the_whole_image() -> None:
+    """At a fixed scale the crop equals the same window of the whole image resized (the
+    old pipeline) up to a pixel of resampling at the borders."""
+    image, mask = _encoded_pair(height=60, width=100, block=15)
+    for scale in (0.5, 1.5, 2.0):
+        transform = RandomScaleCrop((24, 32), (scale, scale))
+        whole = F.resize(mask, [round(60 * scale), round(100 * scale)], interpolation=v2.InterpolationMode.NEAREST)
+        for seed in range(5):
+            _, out_mask = _run(transform, image, mask, seed)
+            windows = whole.long().unfold(0, 24, 1).unfold(1, 32, 1)  # every 24x32 window
+            best = float((windows == out_mask).float().mean(dim=(-2, -1)).max())
+            assert best > 0.97, f"scale {scale} seed {seed}: best agreement {best:.3f}"
+
+
+def test_scale_crop_pads_a_small_image_at_a_random_offset() -> None:
+    image, mask = _encoded_pair(height=20, width=30, block=5)
+    transform = RandomScaleCrop((32, 40))
+    placements = set()
+    for seed in range(20):
+        out_image, out_mask = _run(transform, image, mask, seed)
+        assert out_mask.shape == (32, 40) and int((out_mask != 255).sum()) == 20 * 30
+        rows = torch.nonzero((out_mask != 255).any(1)).flatten()
+        cols = torch.nonzero((out_mask != 255).any(0)).flatten()
+        top, left = int(rows[0]), int(cols[0])
+        assert torch.equal(out_mask[top:top + 20, left:left + 30], mask)
+        assert int(out_image[:, out_mask == 255].sum()) == 0
+        placements.add((top, left))
+    assert len(placements) > 3
+
+
+def test_scale_crop_reads_a_memory_mapped_hwc_array(tmp_path) -> None:
+    """What ``data.cache: disk`` feeds it: a CHW view of an HxWx3 memory map."""
+    image, mask = _encoded_pair(height=64, width=96)
+    np.save(tmp_path / "image.npy", image.permute(1, 2, 0).numpy())
+    mapped = torch.from_numpy(np.load(tmp_path / "image.npy", mmap_mode="c")).permute(2, 0, 1)
+    transform = RandomScaleCrop((40, 56), (0.7, 1.3))
+    for seed in range(4):
+        expected = _run(transform, image, mask, seed)
+        got = _run(transform, tv_tensors.Image(mapped), mask, seed)
+        assert torch.equal(expected[1], got[1]) and torch.allclose(expected[0].float(), got[0].float(), atol=1)
