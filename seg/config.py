@@ -45,7 +45,11 @@ class DataConfig:
     pin_memory: bool | None = None  # None: on when training on CUDA
     persistent_workers: bool = True
     prefetch_factor: int = 2
-    cache: bool = False  # keep decoded images in memory (small data sets)
+    # Decode each image once: false (decode on every read), true or "memory" (keep decoded
+    # images in each loader process: small data sets), "disk" (decoded copies as .npy in
+    # cache_dir, read memory-mapped, only the crop window: large data sets such as Cityscapes)
+    cache: Literal[False, True, "memory", "disk"] = False
+    cache_dir: str | None = None  # for cache: disk; None: <repo>/data/decoded/<data root name>-<hash>
 
     def __post_init__(self) -> None:
         _check(min(self.crop_size) >= 16, "data.crop_size", self.crop_size, "both sides >= 16")

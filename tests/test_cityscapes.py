@@ -59,6 +59,67 @@ def test_cache_returns_the_same_tensors(synthetic_root: Path) -> None:
     assert cached.read_train_ids(1).dtype == torch.uint8
 
 
+def test_disk_cache_decodes_once_and_gives_the_same_samples(synthetic_root: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from seg.data.transforms import train_transform
+
+    transform = train_transform(Config().data.__class__(crop_size=(48, 96), scale_range=(0.5, 1.5)))
+    plain = CityscapesSegmentation(synthetic_root, "train", transform)
+    cached = CityscapesSegmentation(synthetic_root, "train", transform, cache="disk", cache_dir=tmp_path / "decoded")
+    for index in (0, 3, 5):
+        for seed in (1, 2):
+            got, expected = cached[(index, seed)], plain[(index, seed)]
+            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    written = {path.name for path in (tmp_path / "decoded" / "train").rglob("*.npy")}
+    # labels of every sample (the up-front check of a small split decodes them), images read so far
+    assert written == ({f"{sample.stem}_trainIds.npy" for sample in cached.samples}
+                       | {f"{cached.samples[i].stem}_leftImg8bit.npy" for i in (0, 3, 5)})
+    assert not list((tmp_path / "decoded").rglob("*.tmp"))
+
+    # another process (here: a new dataset) reads the copies and decodes nothing
+    expected_target, expected_image = plain[(3, 7)][1], plain.read_image(5)
+    monkeypatch.setattr(cityscapes, "_decode_png", lambda *args: pytest.fail("decoded again"))
+    again = CityscapesSegmentation(synthetic_root, "train", transform, cache="disk", cache_dir=tmp_path / "decoded",
+                                   check_label_ids=False)
+    assert torch.equal(again[(3, 7)][1], expected_target)
+    assert torch.equal(again.read_image(5), expected_image)
+
+
+def test_disk_cache_follows_changed_files_and_never_stores_bad_labels(data_copy: Path, tmp_path: Path) -> None:
+    decoded = tmp_path / "decoded"
+    dataset = CityscapesSegmentation(data_copy, "train", cache="disk", cache_dir=decoded)
+    _, label = _first(data_copy)
+    ids = np.asarray(Image.open(label)).copy()
+    ids[:4, :4] = 7  # road
+    Image.fromarray(ids).save(label)
+    assert torch.equal(dataset.read_train_ids(0), torch.from_numpy(TRAIN_ID_LUT[ids]))  # the new content
+    ids[0, 0] = 200
+    Image.fromarray(ids).save(label)
+    with pytest.raises(DataError, match=r"label id\(s\) \[200\]") as error:
+        CityscapesSegmentation(data_copy, "train", cache="disk", cache_dir=decoded)
+    assert str(label) in str(error.value)
+    with pytest.raises(DataError, match=r"\[200\]"):  # the stale copy was not used, nor a new one written
+        CityscapesSegmentation(data_copy, "train", cache="disk", cache_dir=decoded)
+
+
+def test_disk_cache_in_an_unwritable_place(synthetic_root: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(DataError, match=r"cannot write the decoded copy .*data.cache_dir") as error:
+        CityscapesSegmentation(synthetic_root, "val", cache="disk", cache_dir=blocker / "decoded")
+    assert str(blocker) in str(error.value)
+
+
+def test_disk_cache_from_the_config(tiny_config: Config, tmp_path: Path) -> None:
+    cfg = tiny_config.with_overrides({"data.cache": "disk", "data.cache_dir": str(tmp_path / "decoded")})
+    train_loader, val_loader = build_dataloaders(cfg, CPU)
+    plain_train, plain_val = build_dataloaders(tiny_config, CPU)
+    assert _same(_epoch(train_loader), _epoch(plain_train)) and _same(_epoch(val_loader), _epoch(plain_val))
+    assert len(list((tmp_path / "decoded" / "val").rglob("*_leftImg8bit.npy"))) == len(val_loader.dataset)
+    with pytest.raises(ConfigError, match="data.cache"):
+        tiny_config.with_overrides({"data.cache": "disc"})
+
+
 def test_seeded_items_are_reproducible_and_leave_the_global_rng_alone(synthetic_root: Path) -> None:
     from seg.data.transforms import train_transform
 

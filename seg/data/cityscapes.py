@@ -27,8 +27,11 @@ naming the file. What is checked, and when:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import random
+import tempfile
 import re
 import zlib
 from dataclasses import dataclass
@@ -42,7 +45,7 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_png, read_file
 
 from seg.config import Config
-from seg.data.labels import TRAIN_ID_LUT, VALID_LABEL_ID_MASK, VALID_LABEL_IDS
+from seg.data.labels import CHECKED_TRAIN_ID_LUT, UNDEFINED_LABEL_ID, VALID_LABEL_IDS
 from seg.data.synthetic import DEFAULT_SYNTHETIC, default_synthetic_root, ensure_synthetic_cityscapes
 from seg.data.transforms import eval_transform, normalize, train_transform
 from seg.errors import ConfigError, DataError
@@ -109,23 +112,30 @@ class CityscapesSegmentation(Dataset):
     afterwards), which makes the augmentation of a sample a function of that seed,
     whichever process loads it; ``SeededSampler`` yields such pairs.
 
-    ``cache=True`` keeps the decoded uint8 image and trainIds of every sample read in
-    memory (per process: each DataLoader worker fills its own).
+    ``cache``: ``True`` (or ``"memory"``) keeps the decoded uint8 image and trainIds of
+    every sample read in memory (per process: each DataLoader worker fills its own);
+    ``"disk"`` writes them once to ``cache_dir`` as ``.npy`` files (image HxWx3, trainIds
+    HxW) and from then on reads them memory-mapped, so a transform that crops first
+    (``RandomScaleCrop``) reads only its window and nothing is decoded again, in any
+    process or later run. A copy older than its PNG is written again.
     ``check_label_ids``: decode all label files now and check their ids (True), or on
     first read (False); None picks True for splits of at most ``LABEL_CHECK_MAX_SAMPLES``.
     """
 
     def __init__(self, root: str | Path | None, split: str,
                  transform: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
-                 cache: bool = False, check_label_ids: bool | None = None):
+                 cache: bool | str = False, check_label_ids: bool | None = None,
+                 cache_dir: str | Path | None = None):
         self.root = resolve_data_root(root)
         self.split = split
         self.transform = transform if transform is not None else normalize()
-        self.cache = cache
+        if cache not in (False, True, "memory", "disk"):
+            raise ConfigError(f"data.cache must be false, true, memory or disk, got {cache!r}")
+        self.cache = "memory" if cache is True else cache
+        self.cache_dir = (Path(cache_dir).expanduser().absolute() if cache_dir else default_cache_dir(self.root)) \
+            if self.cache == "disk" else None
         self._images: dict[int, torch.Tensor] = {}
         self._train_ids: dict[int, torch.Tensor] = {}
-        self._train_id_lut = torch.from_numpy(TRAIN_ID_LUT)
-        self._valid_label_id = torch.from_numpy(VALID_LABEL_ID_MASK)
         self.samples: list[Sample] = _find_samples(self.root, split)
         _check_headers(self.samples)
         if check_label_ids is None:
@@ -159,13 +169,19 @@ class CityscapesSegmentation(Dataset):
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
 
     def read_image(self, index: int) -> torch.Tensor:
-        """The decoded image, uint8 3xHxW RGB (with ``cache``, the cached tensor: do not modify it)."""
+        """The decoded image, uint8 3xHxW RGB (cached or memory-mapped: do not modify it)."""
         index = range(len(self.samples))[index]
         if index in self._images:
             return self._images[index]
-        path = self.samples[index].image_path
-        image = _decode_png(path, ImageReadMode.RGB)
-        if self.cache:
+        sample = self.samples[index]
+        if self.cache == "disk":
+            decoded = self._decoded_path(sample, "leftImg8bit")
+            if not _is_fresh(decoded, sample.image_path):
+                image = _decode_png(sample.image_path, ImageReadMode.RGB)
+                _save_atomically(decoded, image.permute(1, 2, 0).numpy(), sample.image_path)
+            return torch.from_numpy(np.load(decoded, mmap_mode="c")).permute(2, 0, 1)
+        image = _decode_png(sample.image_path, ImageReadMode.RGB)
+        if self.cache == "memory":
             self._images[index] = image
         return image
 
@@ -175,23 +191,68 @@ class CityscapesSegmentation(Dataset):
         index = range(len(self.samples))[index]
         if index in self._train_ids:
             return self._train_ids[index]
-        path = self.samples[index].label_path
-        label_ids = _decode_png(path, ImageReadMode.UNCHANGED)[0]
-        # uint8 indices would be read as a boolean mask: index with int64.
-        label_ids = label_ids.long()
-        valid = self._valid_label_id[label_ids]
-        if not bool(valid.all()):
-            unknown = torch.unique(label_ids[~valid]).tolist()
+        sample = self.samples[index]
+        if self.cache == "disk":
+            decoded = self._decoded_path(sample, "trainIds")
+            if _is_fresh(decoded, sample.label_path):  # written only after the check below passed
+                return torch.from_numpy(np.load(decoded, mmap_mode="c"))
+        path = sample.label_path
+        label_ids = _decode_png(path, ImageReadMode.UNCHANGED)[0].numpy()
+        train_ids = CHECKED_TRAIN_ID_LUT[label_ids]  # one uint8 lookup maps and checks
+        undefined = train_ids == UNDEFINED_LABEL_ID
+        if undefined.any():
+            unknown = np.unique(label_ids[undefined]).tolist()
             raise DataError(f"{path}: label id(s) {unknown} are not Cityscapes labelIds (valid: "
                             f"{min(VALID_LABEL_IDS)}..{max(VALID_LABEL_IDS)}). Is this a _gtFine_labelIds.png "
                             f"file (not _labelTrainIds, _color or _instanceIds)?")
-        train_ids = self._train_id_lut[label_ids]
-        if self.cache:
+        if self.cache == "disk":
+            _save_atomically(decoded, train_ids, path)
+        train_ids = torch.from_numpy(train_ids)
+        if self.cache == "memory":
             self._train_ids[index] = train_ids
         return train_ids
 
+    def _decoded_path(self, sample: Sample, kind: str) -> Path:
+        assert self.cache_dir is not None
+        return self.cache_dir / self.split / sample.city / f"{sample.stem}_{kind}.npy"
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, {len(self)} images)"
+
+
+def default_cache_dir(root: Path) -> Path:
+    """Where ``cache: disk`` keeps decoded copies of the data set at ``root`` by default:
+    ``<repo>/data/decoded/<root name>-<hash of its path>`` (so a read-only data root works)."""
+    digest = hashlib.sha1(str(Path(root).absolute()).encode()).hexdigest()[:8]
+    return Path(__file__).resolve().parents[2] / "data" / "decoded" / f"{Path(root).name}-{digest}"
+
+
+def _is_fresh(decoded: Path, source: Path) -> bool:
+    """A decoded copy carries its source's modification time: any change to the source
+    (re-extracted with older times included) makes the copy stale."""
+    try:
+        return decoded.stat().st_mtime_ns == source.stat().st_mtime_ns
+    except OSError:  # no copy yet, or cache_dir not usable (reported when writing)
+        return False
+
+
+def _save_atomically(path: Path, array: np.ndarray, source: Path) -> None:
+    """Write ``array`` as ``path`` (.npy) with ``source``'s modification time, so that
+    concurrent readers and writers (loader workers, parallel trials) see either no file
+    or a whole one."""
+    try:
+        source_time = source.stat().st_mtime_ns
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp",
+                                         delete=False) as handle:
+            np.save(handle, np.ascontiguousarray(array))
+        os.utime(handle.name, ns=(source_time, source_time))
+        os.replace(handle.name, path)
+    except OSError as error:
+        with contextlib.suppress(OSError, NameError):
+            os.unlink(handle.name)
+        raise DataError(f"cannot write the decoded copy {path} ({error}): free disk space, set data.cache_dir "
+                        f"to a writable directory with room, or set data.cache to false or memory") from None
 
 
 def _find_samples(root: Path, split: str) -> list[Sample]:
@@ -377,8 +438,9 @@ def build_dataloaders(cfg: Config, device: torch.device) -> tuple[DataLoader, Da
     """
     data = cfg.data
     root = resolve_data_root(data.root)
-    train_set = CityscapesSegmentation(root, data.train_split, train_transform(data), cache=data.cache)
-    val_set = CityscapesSegmentation(root, data.val_split, eval_transform(data), cache=data.cache)
+    cache = dict(cache=data.cache, cache_dir=data.cache_dir)
+    train_set = CityscapesSegmentation(root, data.train_split, train_transform(data), **cache)
+    val_set = CityscapesSegmentation(root, data.val_split, eval_transform(data), **cache)
     if len(train_set) < data.batch_size:
         raise ConfigError(f"data.batch_size={data.batch_size} is larger than the {len(train_set)} images of split "
                           f"'{data.train_split}' in {root}: no full batch could be made. Lower data.batch_size.")

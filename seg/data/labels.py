@@ -40,6 +40,11 @@ for _label in _EVALUATED:
 VALID_LABEL_ID_MASK = np.zeros(256, dtype=bool)
 VALID_LABEL_ID_MASK[sorted(VALID_LABEL_IDS)] = True
 
+# labelId -> trainId in one uint8 lookup that also flags ids Cityscapes does not define
+# (as UNDEFINED_LABEL_ID, which is no trainId): mapping and checking a label file at once.
+UNDEFINED_LABEL_ID = 254
+CHECKED_TRAIN_ID_LUT = np.where(VALID_LABEL_ID_MASK, TRAIN_ID_LUT, UNDEFINED_LABEL_ID).astype(np.uint8)
+
 # trainId -> official colour; 255 -> black.
 PALETTE = np.zeros((256, 3), dtype=np.uint8)
 for _label in _EVALUATED:
