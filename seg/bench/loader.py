@@ -10,9 +10,10 @@ into a temporary directory, at the benchmark's batch and crop:
 * training fed by the loader: the share of the time spent blocked on the next batch,
   and the time per step against the bare step (workers compete for the same cores);
 * per-sample stage costs in one thread (read + CRC check, PNG decode, label mapping,
-  each transform, collate), and alternatives for the costly stages, timed on the same
-  samples: a uint8 lookup table for labelIds -> trainIds, cropping before resizing,
-  PIL against torchvision decoding;
+  each transform, collate), and, timed on the same samples, what each costly stage cost
+  before it was made faster (labelIds -> trainIds through int64 and two tables, resizing
+  the whole image before cropping, decoding instead of ``data.cache: disk``) and PIL
+  against torchvision decoding;
 * the up-front validation of a split (what every trial pays when it builds its loaders).
 """
 
@@ -37,15 +38,11 @@ from torchvision.transforms.v2 import functional as F
 from seg.bench.report import Figure, Section, Table
 from seg.bench.step import bench_config, model_name
 from seg.config import IGNORE_INDEX, Config
-from seg.data.labels import TRAIN_ID_LUT, VALID_LABEL_ID_MASK
-from seg.probe import probe, train_step
+from seg.data.labels import CHECKED_TRAIN_ID_LUT, TRAIN_ID_LUT, UNDEFINED_LABEL_ID, VALID_LABEL_ID_MASK
+from seg.data.transforms import RandomScaleCrop
+from seg.probe import probe, torch_threads, train_step
 
-__all__ = ["run_loader_part", "measure_loader", "measure_fed_training", "stage_breakdown",
-           "fast_train_ids", "scale_crop_window"]
-
-# labelIds -> trainIds in one uint8 lookup; ids Cityscapes does not define -> this sentinel
-_INVALID = 254
-_COMBINED_LUT = np.where(VALID_LABEL_ID_MASK, TRAIN_ID_LUT, _INVALID).astype(np.uint8)
+__all__ = ["run_loader_part", "measure_loader", "measure_fed_training", "stage_breakdown"]
 
 
 def run_loader_part(device: torch.device, threads: int, *, crop=(256, 512), batch: int = 2,
@@ -76,15 +73,20 @@ def run_loader_part(device: torch.device, threads: int, *, crop=(256, 512), batc
         log(f"[loader] wrote {full_size_images + 1} full-size 2048x1024 samples in "
             f"{time.perf_counter() - written:.1f} s")
         datasets.append(("full-size 2048x1024", str(root)))
+        # decoded once into .npy copies, then read memory-mapped (the first pass writes them)
+        datasets.append(("full-size 2048x1024, cache: disk", str(root)))
 
     rows = []
     try:
         model_state = _TrainingState(bench_config(arch, backbone, batch, crop, threads, device), device)
         for label, root in datasets:
+            options = {"data.root": root}
+            if label.endswith("cache: disk"):
+                options.update({"data.cache": "disk", "data.cache_dir": str(Path(temporary.name) / "decoded")})
             for count in workers:
                 cfg = bench_config(arch, backbone, batch, crop, threads, device,
-                                   **{"data.num_workers": count, "data.root": root})
-                alone = measure_loader(cfg, device, loader_batches)
+                                   **{"data.num_workers": count, **options})
+                alone = measure_loader(cfg, device, loader_batches, warm_epochs=int("data.cache" in options))
                 fed = measure_fed_training(cfg, device, model_state, train_steps)
                 log(f"[loader] {label}, {count} workers: loader {alone['samples_per_second']:.2f} samples/s "
                     f"(first batch {alone['first_batch_seconds']:.2f} s); fed training waits "
@@ -113,27 +115,27 @@ def run_loader_part(device: torch.device, threads: int, *, crop=(256, 512), batc
              "fed s/step", "fed/bare step", "waiting"], rows))
 
         stage_rows, fix_rows, validation_rows = [], [], []
-        for label, root in datasets:
+        for label, root in datasets[:2]:
             cfg = bench_config(arch, backbone, batch, crop, threads, device, **{"data.root": root})
             stages = stage_breakdown(cfg, stage_samples)
             stage_rows += [[label, stage, round(ms, 2)] for stage, ms in stages["stages"].items()]
             fix_rows += [[label, fix, round(before, 2), round(after, 2), f"{before / after:.1f}x" if after else "-"]
                          for fix, (before, after) in stages["alternatives"].items()]
-            validation_rows.append([label, round(stages["validation_ms_per_sample"], 1),
-                                    round(stages["validation_ms_per_sample"] * 500 / 1000, 1),
-                                    round(stages["validation_fast_ms_per_sample"], 1),
-                                    round(stages["validation_fast_ms_per_sample"] * 500 / 1000, 1)])
+            validation_rows.append([label, round(stages["validation_before_ms_per_sample"], 1),
+                                    round(stages["validation_before_ms_per_sample"] * 500 / 1000, 1),
+                                    round(stages["validation_ms_per_sample"], 1),
+                                    round(stages["validation_ms_per_sample"] * 500 / 1000, 1)])
             section.data[f"stages {label}"] = stages
             log(f"[loader] {label}: per-sample stages (ms) {', '.join(f'{k} {v:.1f}' for k, v in stages['stages'].items())}")
         section.tables.append(Table("Per-sample cost of each stage, one thread, main process (ms, median)",
                                     ["images", "stage", "ms/sample"], stage_rows))
         section.tables.append(Table(
-            "Alternatives measured on the same samples (ms per sample, median; see notes)",
-            ["images", "stage: current -> alternative", "current ms", "alternative ms", "speed-up"], fix_rows))
+            "Before and now, measured on the same samples (ms per sample, median; see notes)",
+            ["images", "stage: before -> now", "before ms", "now ms", "speed-up"], fix_rows))
         section.tables.append(Table(
             "Up-front label validation of a split (trial start-up: every trial builds its loaders)",
-            ["images", "current ms/image", "500-image val split, s", "with uint8 LUT ms/image", "500 images, s"],
-            validation_rows))
+            ["images", "before (int64, 2 tables) ms/image", "500 images, s", "now (uint8 LUT) ms/image",
+             "500 images, s"], validation_rows))
     finally:
         if temporary is not None:
             temporary.cleanup()
@@ -142,16 +144,17 @@ def run_loader_part(device: torch.device, threads: int, *, crop=(256, 512), batc
         "most demanding of the step part's models for the loader. Fed training runs the same steps with "
         "batches from the loader; waiting = time blocked in next(loader). With workers on a 2-core machine the "
         "workers and the training threads share the cores, which shows as fed/bare step > 1 rather than as waiting.",
-        "Labels: the current path converts the decoded uint8 labelIds to int64 (8 bytes/pixel) and indexes two "
-        "tables with it (validity mask, then trainIds); the alternative indexes one uint8 numpy table "
-        "(labelId -> trainId, undefined ids -> 254) with the uint8 array and checks for 254.",
-        "Scale+crop: the current pipeline resizes the whole image (and mask) by the random scale, then crops; "
-        "the alternative picks the crop window in source coordinates (crop size / scale) and resizes only that "
-        "window (F.resized_crop; bilinear+antialias for the image, nearest for the mask): the same "
-        "distribution of crops, a fraction of the pixels resampled.",
-        "Decoded copy: each image decoded once and stored as uint8 HxWx3 .npy (6.3 MB per full-size image, "
-        "18.7 GB for the 2975 training images; 4.7 GB at half resolution), read memory-mapped: only the crop "
-        "window's rows are touched. Timed with the file in the page cache, as a data set that fits in memory is.",
+        "Labels: before, the decoded uint8 labelIds were converted to int64 (8 bytes/pixel) to index two "
+        "tables (validity mask, then trainIds); now one uint8 numpy table (labelId -> trainId, undefined ids -> "
+        "254) is indexed with the uint8 array (seg.data.labels.CHECKED_TRAIN_ID_LUT).",
+        "Scale+crop: before, the whole image (and mask) was resized by the random scale, then cropped; now "
+        "RandomScaleCrop picks the crop window in source coordinates (crop size / scale) and resizes only that "
+        "window (bilinear+antialias for the image, nearest for the mask): the same distribution of crops, a "
+        "fraction of the pixels resampled. Timed at the mean scale of the range.",
+        "cache: disk: each image decoded once and stored as uint8 HxWx3 .npy (6.3 MB per full-size image, "
+        "18.7 GB for the 2975 training images), read memory-mapped: only the crop window's rows are touched. "
+        "Timed with the files in the page cache, as a data set that fits in memory is; from a cold disk the "
+        "window's rows are read instead (~1-2 MB per sample).",
     ]
     section.seconds = time.perf_counter() - started
     return section
@@ -168,10 +171,7 @@ def measure_loader(cfg: Config, device: torch.device, batches: int, warm_epochs:
     """Samples/s of the train loader alone, after its first batch (timed separately)."""
     from seg.data.cityscapes import build_dataloaders
 
-    previous = torch.get_num_threads()
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    try:
+    with torch_threads(cfg.train.num_threads or None):
         loader, _ = build_dataloaders(cfg, device)
         for _ in range(warm_epochs):
             for _ in loader:
@@ -196,8 +196,6 @@ def measure_loader(cfg: Config, device: torch.device, batches: int, warm_epochs:
         gc.collect()
         return {"samples_per_second": samples / seconds, "first_batch_seconds": first, "batches": batches,
                 "skipped": skip}
-    finally:
-        torch.set_num_threads(previous)
 
 
 class _TrainingState:
@@ -233,10 +231,7 @@ def measure_fed_training(cfg: Config, device: torch.device, state: _TrainingStat
     """Training steps fed by the loader: time blocked on data vs the whole time."""
     from seg.data.cityscapes import build_dataloaders
 
-    previous = torch.get_num_threads()
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    try:
+    with torch_threads(cfg.train.num_threads or None):
         loader, _ = build_dataloaders(cfg, device)
         iterator = _cycle(loader)
         state.step(*next(iterator))  # workers started, first batch and the model warm
@@ -253,8 +248,6 @@ def measure_fed_training(cfg: Config, device: torch.device, state: _TrainingStat
         gc.collect()
         return {"wait_seconds": wait, "total_seconds": total, "wait_fraction": wait / total,
                 "seconds_per_step": total / steps}
-    finally:
-        torch.set_num_threads(previous)
 
 
 # --- per-stage costs and alternatives --------------------------------------------------------
@@ -269,32 +262,13 @@ def _median_ms(function: Callable[[], Any], repeats: int = 3) -> float:
     return 1000 * statistics.median(times)
 
 
-def fast_train_ids(label_ids: torch.Tensor) -> torch.Tensor:
-    """labelIds (uint8) -> trainIds (uint8) with one uint8 table lookup; ValueError on undefined ids."""
-    train_ids = _COMBINED_LUT[label_ids.numpy()]
-    if (train_ids == _INVALID).any():
-        raise ValueError("undefined label ids")
-    return torch.from_numpy(train_ids)
-
-
-def scale_crop_window(height: int, width: int, crop: tuple[int, int], scale: float,
-                      generator: torch.Generator) -> tuple[int, int, int, int]:
-    """A crop window (top, left, h, w) in source pixels that becomes ``crop`` after scaling by ``scale``."""
-    window_h, window_w = min(height, round(crop[0] / scale)), min(width, round(crop[1] / scale))
-    top = int(torch.randint(0, height - window_h + 1, (1,), generator=generator))
-    left = int(torch.randint(0, width - window_w + 1, (1,), generator=generator))
-    return top, left, window_h, window_w
-
-
 def stage_breakdown(cfg: Config, samples: int = 3) -> dict[str, Any]:
     """Median ms per sample of each stage of the train pipeline, and of the alternatives."""
     from seg.data import cityscapes
     from seg.data.cityscapes import CityscapesSegmentation, resolve_data_root
     from seg.data.transforms import train_transform
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # a loader worker's view
-    try:
+    with torch_threads(1):  # a loader worker's view
         root = resolve_data_root(cfg.data.root)
         transform = train_transform(cfg.data)
         dataset = CityscapesSegmentation(root, cfg.data.train_split, transform, check_label_ids=False)
@@ -324,9 +298,9 @@ def stage_breakdown(cfg: Config, samples: int = 3) -> dict[str, Any]:
             label_ids = decode_png(label_data, mode=ImageReadMode.UNCHANGED)[0]
             add("decode label", _median_ms(lambda: decode_png(label_data, mode=ImageReadMode.UNCHANGED)))
 
-            current_map = _median_ms(lambda: _current_train_ids(label_ids))
-            compare("labelIds -> trainIds: int64 + 2 lookups -> uint8 LUT", current_map,
-                    _median_ms(lambda: fast_train_ids(label_ids)))
+            compare("labelIds -> trainIds: int64 + 2 tables -> one uint8 LUT",
+                    _median_ms(lambda: _previous_train_ids(label_ids)),
+                    _median_ms(lambda: _train_ids(label_ids)))
             compare("decode image: torchvision -> PIL", _median_ms(lambda: decode_png(data, mode=ImageReadMode.RGB)),
                     _median_ms(lambda: _decode_pil(sample.image_path)))
 
@@ -342,12 +316,12 @@ def stage_breakdown(cfg: Config, samples: int = 3) -> dict[str, Any]:
             add("transform total", _median_ms(lambda: transform(image, mask)))
             add("__getitem__ total", _median_ms(lambda: dataset[(index, 1234 + index)]))
 
-            # scale then crop (current) against crop then scale, at the mean scale of the range
+            # resizing the whole image then cropping (before) against RandomScaleCrop (now)
             scale = sum(cfg.data.scale_range) / 2
             height, width = image.shape[-2:]
             size = [max(1, round(height * scale)), max(1, round(width * scale))]
             crop = list(cfg.data.crop_size)
-            generator = torch.Generator().manual_seed(index)
+            scale_crop = RandomScaleCrop(cfg.data.crop_size, (scale, scale))
 
             def scale_then_crop() -> None:
                 scaled = F.resize(image, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
@@ -355,65 +329,53 @@ def stage_breakdown(cfg: Config, samples: int = 3) -> dict[str, Any]:
                 v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX})(
                     scaled, scaled_mask)
 
-            def crop_then_scale() -> None:
-                top, left, h, w = scale_crop_window(height, width, tuple(crop), scale, generator)
-                F.resized_crop(image, top, left, h, w, crop, interpolation=v2.InterpolationMode.BILINEAR,
-                               antialias=True)
-                F.resized_crop(mask, top, left, h, w, crop, interpolation=v2.InterpolationMode.NEAREST)
-
             compare(f"random scale ({scale:.3g}) + crop: resize whole image -> resize crop window",
-                    _median_ms(scale_then_crop), _median_ms(crop_then_scale))
+                    _median_ms(scale_then_crop), _median_ms(lambda: scale_crop(image, mask)))
 
-            # decoding the PNG against reading the crop window from a decoded copy (uint8, HxWx3,
-            # memory-mapped: only the window's rows are touched), written once per image
-            with tempfile.TemporaryDirectory(prefix="seg-bench-raw-") as raw_dir:
-                raw_image, raw_mask = Path(raw_dir) / "image.npy", Path(raw_dir) / "train_ids.npy"
-                np.save(raw_image, image.permute(1, 2, 0).contiguous().numpy())
-                np.save(raw_mask, mask.numpy())
-                top, left, h, w = scale_crop_window(height, width, tuple(crop), scale, generator)
+            # decoding the PNGs (before) against reading decoded copies (cache: disk)
+            with tempfile.TemporaryDirectory(prefix="seg-bench-decoded-") as decoded:
+                cached = CityscapesSegmentation(root, cfg.data.train_split, transform, check_label_ids=False,
+                                                cache="disk", cache_dir=decoded)
+                cached[(index, 0)]  # writes the copies
 
                 def read_window() -> torch.Tensor:
-                    return _read_window(raw_image, top, left, h, w).permute(2, 0, 1)
+                    return scale_crop(tv_tensors.Image(cached.read_image(index)),
+                                      tv_tensors.Mask(cached.read_train_ids(index)))
 
-                compare("image: decode PNG (whole) -> read crop window of a decoded .npy (memory-mapped)",
-                        _median_ms(lambda: _decode_png_checked(sample.image_path)), _median_ms(read_window))
-                compare("__getitem__: current -> decoded .npy crop windows + resize window",
+                compare("image + label: decode PNGs -> crop window of the decoded copies (cache: disk)",
+                        _median_ms(lambda: (dataset.read_image(index), dataset.read_train_ids(index))),
+                        _median_ms(read_window))
+                compare("__getitem__: cache false -> cache: disk",
                         _median_ms(lambda: dataset[(index, 1234 + index)]),
-                        _median_ms(lambda: _raw_getitem(dataset, raw_image, raw_mask, cfg, generator)))
-
-            # the whole sample: current __getitem__ against one with both alternatives
-            compare("__getitem__: current -> uint8 LUT + crop window",
-                    _median_ms(lambda: dataset[(index, 1234 + index)]),
-                    _median_ms(lambda: _candidate_getitem(dataset, index, cfg, generator)))
+                        _median_ms(lambda: cached[(index, 1234 + index)]))
 
         batch = [dataset[(i % len(dataset), i)] for i in range(cfg.data.batch_size)]
         add("collate (per sample)", _median_ms(lambda: default_collate(batch)) / len(batch))
 
-        validation = _validation_ms(dataset, indices)
+        before, now = _validation_ms(dataset, indices)
         return {
             "stages": {name: statistics.median(values) for name, values in stages.items()},
             "alternatives": {name: (statistics.median(b), statistics.median(a)) for name, (b, a) in alternatives.items()},
-            "validation_ms_per_sample": validation[0], "validation_fast_ms_per_sample": validation[1],
+            "validation_before_ms_per_sample": before, "validation_ms_per_sample": now,
             "samples": len(indices),
         }
-    finally:
-        torch.set_num_threads(previous)
 
 
-def _decode_png_checked(path: Path) -> torch.Tensor:
-    """Read, CRC-check and decode, as ``CityscapesSegmentation.read_image`` does."""
-    from seg.data import cityscapes
-
-    return cityscapes._decode_png(path, ImageReadMode.RGB)
-
-
-def _current_train_ids(label_ids: torch.Tensor) -> torch.Tensor:
-    """What ``CityscapesSegmentation.read_train_ids`` does after decoding (for timing)."""
+def _previous_train_ids(label_ids: torch.Tensor) -> torch.Tensor:
+    """How ``CityscapesSegmentation.read_train_ids`` mapped labels before: int64, two tables."""
     as_long = label_ids.long()
     valid = torch.from_numpy(VALID_LABEL_ID_MASK)[as_long]
     if not bool(valid.all()):
         raise ValueError("undefined label ids")
     return torch.from_numpy(TRAIN_ID_LUT)[as_long]
+
+
+def _train_ids(label_ids: torch.Tensor) -> torch.Tensor:
+    """How it maps them now (see ``read_train_ids``): one uint8 lookup that also flags bad ids."""
+    train_ids = CHECKED_TRAIN_ID_LUT[label_ids.numpy()]
+    if (train_ids == UNDEFINED_LABEL_ID).any():
+        raise ValueError("undefined label ids")
+    return torch.from_numpy(train_ids)
 
 
 def _decode_pil(path: Path) -> torch.Tensor:
@@ -423,56 +385,15 @@ def _decode_pil(path: Path) -> torch.Tensor:
         return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
 
 
-def _candidate_getitem(dataset: Any, index: int, cfg: Config, generator: torch.Generator) -> tuple:
-    """``__getitem__`` with the uint8 LUT and the crop-window resize (timing only: no padding case)."""
-    image = dataset.read_image(index)
-    label_ids = decode_png(read_file(str(dataset.samples[index].label_path)), mode=ImageReadMode.UNCHANGED)[0]
-    mask = fast_train_ids(label_ids)
-    low, high = cfg.data.scale_range
-    scale = float(torch.empty(1).uniform_(low, high, generator=generator))
-    height, width = image.shape[-2:]
-    crop = list(cfg.data.crop_size)
-    top, left, h, w = scale_crop_window(height, width, tuple(crop), scale, generator)
-    image = F.resized_crop(tv_tensors.Image(image), top, left, h, w, crop,
-                           interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
-    mask = F.resized_crop(tv_tensors.Mask(mask), top, left, h, w, crop, interpolation=v2.InterpolationMode.NEAREST)
-    rest = [step for step in dataset.transform.transforms if _step_name(step) not in ("RandomScale", "RandomCrop")]
-    for step in rest:
-        image, mask = step(image, mask)
-    return image, mask
-
-
-def _read_window(path: Path, top: int, left: int, height: int, width: int) -> torch.Tensor:
-    array = np.load(path, mmap_mode="r")[top:top + height, left:left + width]
-    return torch.from_numpy(np.ascontiguousarray(array))
-
-
-def _raw_getitem(dataset: Any, raw_image: Path, raw_mask: Path, cfg: Config, generator: torch.Generator) -> tuple:
-    """A sample from decoded copies: read the crop window of image and trainIds, resize it, then the rest."""
-    low, high = cfg.data.scale_range
-    scale = float(torch.empty(1).uniform_(low, high, generator=generator))
-    height, width = np.load(raw_mask, mmap_mode="r").shape
-    crop = list(cfg.data.crop_size)
-    top, left, h, w = scale_crop_window(height, width, tuple(crop), scale, generator)
-    image = tv_tensors.Image(_read_window(raw_image, top, left, h, w).permute(2, 0, 1))
-    mask = tv_tensors.Mask(_read_window(raw_mask, top, left, h, w))
-    image = F.resize(image, crop, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
-    mask = F.resize(mask, crop, interpolation=v2.InterpolationMode.NEAREST)
-    rest = [step for step in dataset.transform.transforms if _step_name(step) not in ("RandomScale", "RandomCrop")]
-    for step in rest:
-        image, mask = step(image, mask)
-    return image, mask
-
-
 def _validation_ms(dataset: Any, indices: list[int]) -> tuple[float, float]:
-    """ms per image of the up-front label check (decode + check + map): current, with the uint8 LUT."""
-    current, fast = [], []
+    """ms per image of the up-front label check (decode + check + map): before, now."""
+    before, now = [], []
     for index in indices:
         path = str(dataset.samples[index].label_path)
-        current.append(_median_ms(lambda: _current_train_ids(
+        before.append(_median_ms(lambda: _previous_train_ids(
             decode_png(read_file(path), mode=ImageReadMode.UNCHANGED)[0])))
-        fast.append(_median_ms(lambda: fast_train_ids(decode_png(read_file(path), mode=ImageReadMode.UNCHANGED)[0])))
-    return statistics.median(current), statistics.median(fast)
+        now.append(_median_ms(lambda: _train_ids(decode_png(read_file(path), mode=ImageReadMode.UNCHANGED)[0])))
+    return statistics.median(before), statistics.median(now)
 
 
 def _step_name(step: Any) -> str:
