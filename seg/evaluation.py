@@ -10,7 +10,6 @@ so :func:`evaluate_prediction_dir` gives the official numbers.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -28,7 +27,7 @@ from torch import nn
 
 from seg.config import IGNORE_INDEX, NUM_CLASSES
 from seg.data.labels import CLASS_NAMES, TRAIN_ID_LUT, VALID_LABEL_ID_MASK, colorize, train_ids_to_label_ids
-from seg.errors import CheckpointError, DataError
+from seg.errors import DataError
 from seg.metrics import confusion_matrix, segmentation_metrics
 
 __all__ = [
@@ -258,26 +257,13 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_root: 
     Layout: ``out_dir/predictions/{city}/*.png`` (labelIds, official format),
     ``out_dir/color/{city}/*.png`` and ``out_dir/metrics.json``. Returns the metrics.
     """
-    from seg.checkpoint import load_checkpoint
-    from seg.config import config_from_dict
+    from seg.checkpoint import model_from_checkpoint
     from seg.data.cityscapes import CityscapesSegmentation, resolve_data_root
     from seg.data.transforms import eval_transform
     from seg.engine import select_device
-    from seg.models import build_model_from_config
 
     checkpoint = Path(checkpoint)
-    state = load_checkpoint(checkpoint)
-    if "model" not in state or "config" not in state:
-        raise CheckpointError(f"{checkpoint}: not a training checkpoint (needs 'model' and 'config' entries, "
-                              f"found {', '.join(map(str, state))})")
-    cfg = config_from_dict(state["config"], source=f"{checkpoint} (config)")
-    # the checkpoint holds every weight: never look for pretrained backbone files
-    model = build_model_from_config(dataclasses.replace(cfg.model, pretrained=False, weights=None))
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as error:
-        raise CheckpointError(f"{checkpoint}: weights do not fit model {cfg.model.arch}/{cfg.model.backbone}: "
-                              f"{error}") from None
+    model, cfg = model_from_checkpoint(checkpoint)
     root = resolve_data_root(None if data_root is None else str(data_root))
     dataset = CityscapesSegmentation(root, split, transform=eval_transform(cfg.data))
     out_dir = Path(out_dir)
