@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from seg.checkpoint import (capture_rng_state, copy_checkpoint, load_checkpoint, load_model_state,
                             restore_rng_state, save_checkpoint)
-from seg.config import IGNORE_INDEX, NUM_CLASSES, Config
+from seg.config import IGNORE_INDEX, NUM_CLASSES, Config, TrainConfig
 from seg.data.cityscapes import build_dataloaders
 from seg.errors import CheckpointError, ConfigError, DataError, DivergenceError
 from seg.losses import build_loss, median_frequency_weights
@@ -48,7 +48,7 @@ from seg.metrics import ConfusionMatrix
 from seg.models import build_model_from_config
 from seg.optim import build_optimizer, build_scheduler
 
-__all__ = ["EpochResult", "FitResult", "select_device", "autocast_dtype", "seed_everything",
+__all__ = ["EpochResult", "FitResult", "select_device", "autocast_dtype", "precision_settings", "seed_everything",
            "train_one_epoch", "evaluate", "fit"]
 
 log = logging.getLogger(__name__)
@@ -92,11 +92,19 @@ def select_device(name: str) -> torch.device:
     return device
 
 
-def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """The mixed-precision dtype for ``device``: bf16 where supported, else fp16; None on CPU."""
-    if not amp or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def autocast_dtype(device: torch.device, amp: bool, cpu_amp: bool = False) -> torch.dtype | None:
+    """The mixed-precision dtype for ``device``: on CUDA with ``amp`` bf16 where supported,
+    else fp16; on CPU with ``cpu_amp`` bf16; otherwise None (fp32)."""
+    if device.type == "cuda":
+        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if amp else None
+    return torch.bfloat16 if cpu_amp and device.type == "cpu" else None
+
+
+def precision_settings(train: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """What ``fit`` trains ``train`` with on ``device``: (autocast dtype or None, channels_last)."""
+    amp_dtype = autocast_dtype(device, train.amp, train.cpu_amp)
+    channels_last = train.channels_last and (device.type == "cuda" or amp_dtype is not None)
+    return amp_dtype, channels_last
 
 
 def seed_everything(seed: int) -> None:
@@ -223,8 +231,7 @@ def fit(cfg: Config, out_dir: str | Path, on_epoch_end: Callable[[EpochResult], 
         torch.backends.cudnn.benchmark = True  # fixed crop sizes: autotuned kernels pay off
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    channels_last = cfg.train.channels_last and on_cuda
-    amp_dtype = autocast_dtype(device, cfg.train.amp)
+    amp_dtype, channels_last = precision_settings(cfg.train, device)
 
     train_loader, val_loader = build_dataloaders(cfg, device)
     model = build_model_from_config(cfg.model).to(device)

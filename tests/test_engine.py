@@ -11,10 +11,10 @@ from torch import nn
 
 import seg.engine
 from seg.checkpoint import load_checkpoint, model_from_checkpoint
-from seg.config import NUM_CLASSES, Config
+from seg.config import NUM_CLASSES, Config, TrainConfig
 from seg.data.cityscapes import build_dataloaders
 from seg.data.labels import CLASS_NAMES
-from seg.engine import EpochResult, autocast_dtype, evaluate, fit, select_device, train_one_epoch
+from seg.engine import EpochResult, autocast_dtype, evaluate, fit, precision_settings, select_device, train_one_epoch
 from seg.errors import CheckpointError, ConfigError, DivergenceError
 from seg.metrics import confusion_matrix, segmentation_metrics
 
@@ -40,7 +40,12 @@ class NanLoss(nn.Module):
 def test_select_device() -> None:
     assert select_device("cpu") == torch.device("cpu")
     assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert autocast_dtype(torch.device("cpu"), amp=True) is None  # AMP is a CUDA-only setting
+    assert autocast_dtype(torch.device("cpu"), amp=True) is None  # amp is the CUDA setting
+    assert autocast_dtype(torch.device("cpu"), amp=False, cpu_amp=True) == torch.bfloat16
+    cpu = torch.device("cpu")
+    assert precision_settings(TrainConfig(), cpu) == (None, False)
+    assert precision_settings(TrainConfig(cpu_amp=True), cpu) == (torch.bfloat16, True)
+    assert precision_settings(TrainConfig(cpu_amp=True, channels_last=False), cpu) == (torch.bfloat16, False)
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="train.device"):
             select_device("cuda")
@@ -76,6 +81,20 @@ def test_training_lowers_the_loss_and_beats_a_constant_prediction(tiny_config: C
     assert saved_cfg == cfg
     metrics = evaluate(model, val_loader, torch.device("cpu"))
     assert metrics["miou"] == pytest.approx(result.best_miou, abs=1e-6)
+
+
+def test_cpu_bf16_training_converges_like_fp32(tiny_config: Config, tmp_path: Path) -> None:
+    """train.cpu_amp: bf16 autocast + channels_last on CPU reaches what fp32 reaches."""
+    cfg = tiny_config.with_overrides({"train.epochs": 6, "optim.lr": 0.02, "data.hflip": False,
+                                      "data.color_jitter": 0.0})
+    fp32 = fit(cfg, tmp_path / "fp32")
+    bf16 = fit(cfg.with_overrides({"train.cpu_amp": True}), tmp_path / "bf16")
+    losses = [entry["train_loss"] for entry in bf16.history]
+    print(f"fp32 best mIoU {fp32.best_miou:.4f}, bf16 {bf16.best_miou:.4f}; bf16 losses {losses}")
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert bf16.best_miou > 0.8 * fp32.best_miou, (bf16.best_miou, fp32.best_miou)
+    model, _ = model_from_checkpoint(tmp_path / "bf16" / "best.pt")
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: fp32 master weights
 
 
 def test_resuming_after_epoch_one_ends_like_an_uninterrupted_run(tiny_config: Config, tmp_path: Path) -> None:

@@ -206,12 +206,11 @@ class _TrainingState:
         from seg.models import build_model_from_config
         from seg.optim import build_optimizer
 
-        from seg.engine import autocast_dtype
+        from seg.engine import precision_settings
 
         self.device = device
-        # as fit trains: on CUDA with autocast and channels_last (per cfg.train), fp32 on CPU
-        self.amp_dtype = autocast_dtype(device, cfg.train.amp)
-        self.channels_last = cfg.train.channels_last and device.type == "cuda"
+        # as fit trains: autocast and channels_last per cfg.train and the device
+        self.amp_dtype, self.channels_last = precision_settings(cfg.train, device)
         self.model = build_model_from_config(cfg.model).to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)

@@ -117,24 +117,24 @@ def _worker(cfg: Config, device_name: str, threads: int, steps: int, barrier: An
         from seg.losses import build_loss
         from seg.models import build_model_from_config
         from seg.optim import build_optimizer
+        from seg.engine import precision_settings
         from seg.probe import train_step
 
         device = torch.device(device_name)
         on_cuda = device.type == "cuda"
-        amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if on_cuda and cfg.train.amp \
-            else None
+        amp_dtype, channels_last = precision_settings(cfg.train, device)
         if on_cuda:
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         model = build_model_from_config(cfg.model).to(device)
-        if on_cuda and cfg.train.channels_last:
+        if channels_last:
             model = model.to(memory_format=torch.channels_last)
         loss_fn = build_loss(cfg, None).to(device)
         optimizer = build_optimizer(cfg.optim, model)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         height, width = cfg.data.crop_size
         images = torch.randn(cfg.data.batch_size, 3, height, width, device=device)
-        if on_cuda and cfg.train.channels_last:
+        if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         targets = torch.randint(0, NUM_CLASSES, (cfg.data.batch_size, height, width), device=device)
         targets[:, :, :4] = IGNORE_INDEX

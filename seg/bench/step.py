@@ -39,8 +39,9 @@ VARIANTS = {"fp32": ("fp32", False), "fp32-cl": ("fp32", True), "tf32": ("tf32",
 
 
 def default_variants(device: torch.device) -> tuple[str, ...]:
-    """CPU: fp32 (what training does there). CUDA: fp32, TF32 and bf16 AMP with channels_last."""
-    return ("fp32",) if device.type == "cpu" else ("fp32", "tf32", "bf16-cl")
+    """CPU: fp32 (the default) and bf16 with channels_last (``train.cpu_amp``). CUDA: fp32,
+    TF32 and bf16 AMP with channels_last."""
+    return ("fp32", "bf16-cl") if device.type == "cpu" else ("fp32", "tf32", "bf16-cl")
 
 
 def model_name(arch: str, backbone: str) -> str:
