@@ -36,7 +36,7 @@ from seg.config import Config, config_from_dict
 from seg.errors import CheckpointError, ConfigError
 
 __all__ = ["CHECKPOINT_VERSION", "REQUIRED_KEYS", "save_checkpoint", "load_checkpoint", "copy_checkpoint",
-           "load_model_state", "model_from_checkpoint", "capture_rng_state", "restore_rng_state"]
+           "remove_stale_temporaries", "load_model_state", "model_from_checkpoint", "capture_rng_state", "restore_rng_state"]
 
 CHECKPOINT_VERSION = 1
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "epoch", "config")
@@ -64,6 +64,18 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
         raise
     _fsync_directory(path.parent)
     return path
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete what an interrupted :func:`save_checkpoint` or :func:`copy_checkpoint` left in
+    ``directory`` (a process killed mid-write cannot clean up after itself). Call it only
+    while no other process writes checkpoints there. Returns what was removed."""
+    removed = []
+    for stale in [*Path(directory).glob(".*.pt.*.tmp"), *Path(directory).glob(".*.pt.*.link")]:
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+            removed.append(stale)
+    return removed
 
 
 def copy_checkpoint(source: str | Path, target: str | Path) -> Path:

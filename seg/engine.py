@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seg.checkpoint import (capture_rng_state, copy_checkpoint, load_checkpoint, load_model_state,
-                            restore_rng_state, save_checkpoint)
+                            remove_stale_temporaries, restore_rng_state, save_checkpoint)
 from seg.config import IGNORE_INDEX, NUM_CLASSES, Config, TrainConfig
 from seg.data.cityscapes import build_dataloaders
 from seg.errors import CheckpointError, ConfigError, DataError, DivergenceError
@@ -222,6 +222,8 @@ def fit(cfg: Config, out_dir: str | Path, on_epoch_end: Callable[[EpochResult], 
     """
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_temporaries(out_dir):
+        log.info("removed %s, left by an interrupted checkpoint write", stale)
     if cfg.train.num_threads is not None:
         torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.train.seed)

@@ -83,6 +83,17 @@ def test_training_lowers_the_loss_and_beats_a_constant_prediction(tiny_config: C
     assert metrics["miou"] == pytest.approx(result.best_miou, abs=1e-6)
 
 
+def test_fit_removes_what_an_interrupted_checkpoint_write_left(tiny_config: Config, tmp_path: Path) -> None:
+    cfg = tiny_config.with_overrides({"train.epochs": 1, "train.max_steps_per_epoch": 1})
+    stale = [tmp_path / ".last.pt.k2j4x.tmp", tmp_path / ".best.pt.4242.link"]
+    unrelated = tmp_path / ".notes.tmp"
+    for path in [*stale, unrelated]:
+        path.write_bytes(b"partial")
+    fit(cfg, tmp_path)
+    assert not any(path.exists() for path in stale) and unrelated.exists()
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["best.pt", "last.pt"]
+
+
 def test_cpu_bf16_training_converges_like_fp32(tiny_config: Config, tmp_path: Path) -> None:
     """train.cpu_amp: bf16 autocast + channels_last on CPU reaches what fp32 reaches."""
     cfg = tiny_config.with_overrides({"train.epochs": 6, "optim.lr": 0.02, "data.hflip": False,
