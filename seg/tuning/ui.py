@@ -136,9 +136,14 @@ def serve(tracking_uri: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
     if not port_is_free(host, port):
         raise TrackingError(f"port {port} on {host} is in use (another MLflow UI?): pass --port N, "
                             f"or --port 0 to pick a free one")
-    log_path = Path(log_path) if log_path else Path(tempfile.gettempdir()) / f"seg-mlflow-ui-{port}.log"
+    if log_path:
+        log_path = Path(log_path)
+        log_file = open(log_path, "wb")
+    else:  # a fresh file of our own: a predictable name in /tmp could be a planted symlink
+        fd, name = tempfile.mkstemp(prefix=f"seg-mlflow-ui-{port}-", suffix=".log")
+        log_path, log_file = Path(name), os.fdopen(fd, "wb")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    with open(log_path, "wb") as log_file:
+    with log_file:
         # own process group, so that stopping it also stops the server's worker processes
         process = subprocess.Popen(server_command(tracking_uri, host, port), stdout=log_file,
                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
