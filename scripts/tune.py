@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 BUDGET_FLAGS = {"num_samples": "trials", "max_epochs": "max_epochs", "concurrency": "concurrency",
                 "cpus_per_trial": "cpus_per_trial", "gpus_per_trial": "gpus_per_trial", "seed": "seed",
                 "metric": "metric", "mode": "mode", "grace_period": "grace_period",
-                "reduction_factor": "reduction_factor", "max_failures": "max_failures"}
+                "reduction_factor": "reduction_factor", "max_failures": "max_failures", "probe": "probe"}
 SMOKE_TEST = {"trials": 2, "max_epochs": 1, "concurrency": 2, "grace_period": 1}
 
 
@@ -39,13 +39,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     budget.add_argument("--max-epochs", type=int, help="epochs of a trial that is never stopped")
     budget.add_argument("--concurrency", type=int, help="trials at once")
     budget.add_argument("--cpus-per-trial", type=float)
-    budget.add_argument("--gpus-per-trial", type=float, help="a fraction shares one GPU between trials")
+    budget.add_argument("--gpus-per-trial", help="a fraction shares one GPU between trials; auto: as many as fit "
+                                                 "(the memory probe decides)")
     budget.add_argument("--seed", type=int, help="seed of the sampler")
     budget.add_argument("--metric", help="val_miou (default), val_pixel_accuracy, val_loss...")
     budget.add_argument("--mode", choices=("max", "min"))
     budget.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial can be stopped")
     budget.add_argument("--reduction-factor", type=float, help="ASHA: keep 1/factor of the trials per rung")
     budget.add_argument("--max-failures", type=int, help="retries of a crashed trial")
+    budget.add_argument("--probe", choices=("auto", "true", "false"),
+                        help="probe the largest trials' memory before launching (auto: when trials use a GPU)")
     parser.add_argument("--name", help="search name (default: the space's; -2, -3... appended when taken)")
     parser.add_argument("--storage", help="Ray results directory (default: <repo>/ray_results)")
     parser.add_argument("--address", help="join a Ray cluster: 'auto' or ray://host:10001 (default: local Ray)")
@@ -63,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("seg.tuning.probing").setLevel(logging.INFO)  # what the memory probe measured and decided
     from seg.config import parse_overrides
     from seg.errors import SegError
     from seg.tuning.space import load_space

@@ -19,6 +19,10 @@ Peak memory, and what it counts:
   that moment. Where the reset is not possible the peak is ``ru_maxrss``, a high-water
   mark of the whole process: exact only in a fresh process, hence ``isolated=True``.
 
+On CUDA the result also holds the device's memory and what was free before the model
+(``torch.cuda.mem_get_info``), so that an isolated probe tells its caller what it
+measured against without the caller touching CUDA.
+
 ``isolated=True`` probes in a fresh process (spawned): the figures are not skewed by
 memory the caller's allocator keeps, a probe that is killed for memory cannot take the
 caller down (it comes back as ``fits=False``), and a search driver never creates a CUDA
@@ -74,6 +78,9 @@ class ProbeResult:
     memory_method: str = ""
     process_bytes: int | None = None  # CPU: resident set before the model (torch, Python)
     error: str | None = None
+    # CUDA: the device's memory, and what was free before the model (the probe's own context taken)
+    device_total_bytes: int | None = None
+    device_free_bytes: int | None = None
 
     @property
     def samples_per_second(self) -> float | None:
@@ -229,7 +236,8 @@ def _probe(cfg: Config, *, timed_steps: int, warmup_steps: int, count_flops: boo
             model = optimizer = images = targets = None
             return ProbeResult(**base, threads=threads, fits=False, peak_bytes=None, reserved_bytes=None,
                                step_seconds=None, best_step_seconds=None, first_step_seconds=None, parameters=0,
-                               memory_method=memory.method, error=f"out of memory: {str(error)[:300]}")
+                               memory_method=memory.method, error=f"out of memory: {str(error)[:300]}",
+                               device_total_bytes=memory.device_total, device_free_bytes=memory.device_free)
         finally:
             del model, optimizer, loss_fn, images, targets
             if on_cuda:
@@ -238,7 +246,8 @@ def _probe(cfg: Config, *, timed_steps: int, warmup_steps: int, count_flops: boo
     return ProbeResult(**base, threads=threads, fits=True, peak_bytes=peak, reserved_bytes=reserved,
                        step_seconds=statistics.median(timed), best_step_seconds=min(timed),
                        first_step_seconds=times[0], parameters=parameters,
-                       flops=flops, memory_method=method, process_bytes=memory.baseline_rss)
+                       flops=flops, memory_method=method, process_bytes=memory.baseline_rss,
+                       device_total_bytes=memory.device_total, device_free_bytes=memory.device_free)
 
 
 def _default_precision(cfg: Config, device: torch.device) -> str:
@@ -284,6 +293,8 @@ class _MemoryMeter:
         self.device = device
         self.baseline = 0
         self.baseline_rss: int | None = None
+        self.device_total: int | None = None
+        self.device_free: int | None = None
         self.method = ""
 
     def start(self) -> None:
@@ -291,6 +302,7 @@ class _MemoryMeter:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.baseline = torch.cuda.memory_allocated(self.device)
+            self.device_free, self.device_total = torch.cuda.mem_get_info(self.device)
             self.method = "torch.cuda.max_memory_allocated"
             return
         self.baseline_rss = current_rss_bytes()

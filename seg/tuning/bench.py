@@ -77,7 +77,7 @@ def run_harness_part(*, cores: int, trials: int = 4, epochs: int = 2, concurrenc
             "space": {"optim.lr": {"loguniform": [3.0e-3, 3.0e-2]}, "optim.momentum": {"uniform": [0.8, 0.95]}},
             "budget": {"trials": trials, "max_epochs": epochs, "concurrency": concurrency,
                        "cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial, "seed": 0,
-                       "grace_period": epochs, "reduction_factor": 2, "startup_trials": trials}}
+                       "probe": False, "grace_period": epochs, "reduction_factor": 2, "startup_trials": trials}}
     space = space_from_dict(tree, source="bench harness space")
     with tempfile.TemporaryDirectory(prefix="seg-bench-harness-") as scratch:
         scratch = Path(scratch)

@@ -4,7 +4,11 @@ The pieces, in the order a search meets them:
 
 1. Checks that need no cluster, before Ray starts: the space (``seg.tuning.space``), the
    data set (resolved to an absolute path and opened, so a bad root fails here),
-   pretrained weights where asked for, a GPU where ``gpus_per_trial`` asks for one.
+   pretrained weights where asked for, a GPU where ``gpus_per_trial`` asks for one, and the
+   memory probe (``seg.tuning.probing``, ``budget.probe``): one training step of each
+   (arch, backbone) at the largest batch and crop, in a fresh process; what cannot fit is
+   refused, and ``gpus_per_trial: auto`` becomes the share of a GPU at which the largest
+   trials fit together. The probe's results are the parent run's ``probe.json``.
 2. MLflow: the experiment (named after the space) and the search's parent run (budget,
    seed and git commit as params and tags, the space file and the base config as
    artifacts). ``<storage>/<name>/search.json`` records its id for ``--resume``.
@@ -59,13 +63,13 @@ from ray.tune.search.optuna import OptunaSearch
 
 from seg.errors import ConfigError, SegError, TrackingError, WeightsNotFoundError
 from seg.paths import safe_child
-from seg.tuning import runs, tracking
+from seg.tuning import probing, runs, tracking
 from seg.tuning.space import REPO_ROOT, SearchSpace
 from seg.tuning.trainable import TrialContext, train_trial, trial_output_dir
 
-__all__ = ["SEARCH_RECORD", "SUMMARY_FILE", "SearchResult", "TrialSummary", "SegOptunaSearch", "SearchTracker",
-           "run_search", "start_ray", "build_searcher", "trial_state", "trial_dirname", "default_storage",
-           "param_value"]
+__all__ = ["SEARCH_RECORD", "SUMMARY_FILE", "PROBE_FILE", "SearchResult", "TrialSummary", "SegOptunaSearch",
+           "SearchTracker", "run_search", "start_ray", "build_searcher", "trial_state", "trial_dirname",
+           "default_storage", "param_value"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,7 @@ SEARCH_RECORD = "search.json"  # written when a search starts; read by --resume
 SPACE_PICKLE = "search_space.pkl"  # the validated space the trials use, for --resume
 SPACE_COPY = "search_space.yaml"
 SUMMARY_FILE = "summary.json"
+PROBE_FILE = "probe.json"  # the memory probe's results, an artifact of the parent run
 FINAL_STATES = ("completed", "early_stopped", "failed")
 
 
@@ -385,6 +390,7 @@ def run_search(space: SearchSpace, *, storage: str | Path | None = None, name: s
         record = {}
     space = _with_checked_data(space)
     _check_resources(space, address)
+    space, probe_report = probing.check_memory(space, address)
 
     tracking_uri = tracking.configure_mlflow(_absolute_uri(tracking_uri or tracking.default_tracking_uri()))
     client = tracking.get_client()
@@ -410,6 +416,8 @@ def run_search(space: SearchSpace, *, storage: str | Path | None = None, name: s
         else:
             _log_search_params(parent_run_id, space, client)
             _write_record(search_dir, space, tracking_uri, experiment_id, parent_run_id)
+        if probe_report is not None:
+            tracking.call(client.log_text, parent_run_id, json.dumps(probe_report.to_dict(), indent=2), PROBE_FILE)
         context = TrialContext(space=space, tracking_uri=tracking_uri, experiment_id=experiment_id,
                                parent_run_id=parent_run_id, search_dir=str(search_dir), num_overlays=num_overlays)
         phases = {"checks": time.monotonic() - started}
@@ -704,7 +712,8 @@ def _check_imagenet_weights(space: SearchSpace) -> None:
 
 def _check_resources(space: SearchSpace, address: str | None) -> None:
     budget = space.budget
-    if address is None and budget.gpus_per_trial > 0:
+    # gpus_per_trial: auto needs no GPU (none: CPU trials); probing.check_memory resolves it
+    if address is None and budget.gpus_per_trial != "auto" and budget.gpus_per_trial > 0:
         import torch
 
         if not torch.cuda.is_available():

@@ -26,6 +26,12 @@ Some fields are set for every trial from the budget rather than sampled: ``train
 (= ``budget.max_epochs``), ``train.eval_every`` (1: the scheduler needs a val mIoU every
 epoch), and, unless ``fixed`` names them, ``train.num_threads`` (the trial's CPU share),
 ``data.num_workers`` (what the share leaves for loader workers) and ``train.device``.
+
+``budget.gpus_per_trial: auto`` is decided by the search (``seg.tuning.probing``): the
+memory probe says how many of the space's largest trials fit on the GPU, and a machine
+without one runs CPU trials. Until then ``train.device`` is ``auto`` and the loader
+workers are counted as for a GPU trial; :func:`resolve_gpus_per_trial` settles both.
+``budget.probe`` (``auto``, ``true``, ``false``) says whether the search probes at all.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from seg.config import Config, coerce, config_from_dict, read_yaml
 from seg.errors import ConfigError
 
 __all__ = ["DISTRIBUTIONS", "METRICS", "Budget", "Param", "SearchSpace", "field_hints", "load_space",
-           "REPO_ROOT"]
+           "resolve_gpus_per_trial", "REPO_ROOT"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
@@ -83,7 +89,8 @@ class Budget:
     max_epochs: int | None = None  # None: the base config's train.epochs
     concurrency: int = 1
     cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0  # a fraction shares a GPU between trials
+    # a fraction shares a GPU between trials; "auto": as many trials share one as fit (the probe)
+    gpus_per_trial: float | Literal["auto"] = 0.0
     metric: str = "val_miou"
     mode: Literal["max", "min"] = "max"
     seed: int = 0  # seeds the sampler (trials' training seed is train.seed)
@@ -91,6 +98,8 @@ class Budget:
     reduction_factor: float = 2.0  # ASHA: keep 1/reduction_factor at each rung
     max_failures: int = 1  # retries of a crashed trial (divergence is never retried)
     startup_trials: int | None = None  # random trials before TPE models; None: trials // 3, 2..10
+    # probe the largest configurations before launching: "auto" when trials run on CUDA, true also on CPU
+    probe: bool | Literal["auto"] = "auto"
 
     @property
     def threads_per_trial(self) -> int:
@@ -158,6 +167,7 @@ class SearchSpace:
     path: Path | None = None  # the YAML file (absolute)
     base_path: Path | None = None  # the base config file (absolute)
     text: str = ""  # the YAML as written, logged as an artifact
+    runtime_keys: tuple[str, ...] = ()  # config keys set for every trial from outside the file (--set)
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -265,7 +275,8 @@ def space_from_dict(tree: Any, source: str | Path = "search space", text: str = 
         _check_values_in_config(param, base_config, where)
     _check_model_names(base_config, params, where)
     space = SearchSpace(name=name, base_config=base_config, params=params, budget=budget, fixed=fixed,
-                        description=description, path=path, base_path=base_path, text=text)
+                        description=description, path=path, base_path=base_path, text=text,
+                        runtime_keys=tuple(runtime or {}))
     initial = _read_initial(tree.get("initial"), space, where)
     space = dataclasses.replace(space, initial=initial)
     _check_samples(space, where)
@@ -287,8 +298,33 @@ def _read_budget(tree: Any, overrides: Mapping[str, Any], where: str) -> Budget:
                                   f"{_suggest(str(key), list(hints), prefix='budget.')}")
             if value is None and key not in ("max_epochs", "startup_trials"):
                 continue
-            values[key] = coerce(value, hints[key], f"budget.{key}", where + origin)
+            read = _BUDGET_READERS.get(key)
+            values[key] = read(value, where + origin) if read else \
+                coerce(value, hints[key], f"budget.{key}", where + origin)
     return Budget(**values)
+
+
+def _read_gpus_per_trial(value: Any, where: str) -> float | str:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return coerce(value, float, "budget.gpus_per_trial", where)
+    except ConfigError:
+        raise ConfigError(f"{where}: key 'budget.gpus_per_trial' must be a number of GPUs (0, a fraction such "
+                          f"as 0.5, a whole number) or auto (the memory probe decides), got {value!r}") from None
+
+
+def _read_probe(value: Any, where: str) -> bool | str:
+    # YAML reads true/false (and yes/no) as booleans; the command line passes strings
+    text = value.strip().lower() if isinstance(value, str) else value
+    choices = {"auto": "auto", "true": True, "false": False, True: True, False: False}
+    if isinstance(text, (str, bool)) and text in choices:
+        return choices[text]
+    raise ConfigError(f"{where}: key 'budget.probe' must be auto (probe when trials run on a GPU), true "
+                      f"(also on CPU) or false (never), got {value!r}")
+
+
+_BUDGET_READERS = {"gpus_per_trial": _read_gpus_per_trial, "probe": _read_probe}
 
 
 def _check_budget(budget: Budget, where: str) -> None:
@@ -297,8 +333,9 @@ def _check_budget(budget: Budget, where: str) -> None:
         (budget.max_epochs >= 1, "max_epochs", ">= 1"),
         (budget.concurrency >= 1, "concurrency", ">= 1"),
         (budget.cpus_per_trial > 0, "cpus_per_trial", "> 0"),
-        (budget.gpus_per_trial >= 0 and (budget.gpus_per_trial <= 1 or float(budget.gpus_per_trial).is_integer()),
-         "gpus_per_trial", "0, a fraction of one GPU, or a whole number of GPUs"),
+        (budget.gpus_per_trial == "auto" or (budget.gpus_per_trial >= 0 and (
+            budget.gpus_per_trial <= 1 or float(budget.gpus_per_trial).is_integer())),
+         "gpus_per_trial", "0, a fraction of one GPU, a whole number of GPUs, or auto"),
         (budget.metric in METRICS, "metric", f"one of {', '.join(METRICS)}"),
         (1 <= budget.grace_period <= budget.max_epochs, "grace_period", f"in [1, max_epochs={budget.max_epochs}]"),
         (budget.reduction_factor > 1, "reduction_factor", "> 1"),
@@ -508,18 +545,38 @@ def _check_samples(space: SearchSpace, where: str) -> None:
 
 
 def _trial_settings(budget: Budget, base: Config, fixed: Mapping[str, Any]) -> dict[str, Any]:
-    """Per-trial settings that follow from the budget (resources) unless ``fixed`` sets them."""
+    """Per-trial settings that follow from the budget (resources) unless ``fixed`` sets them.
+
+    With ``gpus_per_trial: auto`` the device is ``auto`` and the workers are counted as for
+    a GPU trial (the larger count) until :func:`resolve_gpus_per_trial` settles them.
+    """
     settings: dict[str, Any] = {"train.epochs": budget.max_epochs, "train.eval_every": 1}
+    gpus = budget.gpus_per_trial
     if "train.num_threads" not in fixed:
         settings["train.num_threads"] = budget.threads_per_trial
     if "data.num_workers" not in fixed:
         # one core per loader worker beyond the training thread(s); on a 1-2 core share, none
-        spare = int(budget.cpus_per_trial) - budget.threads_per_trial if budget.gpus_per_trial == 0 else \
+        spare = int(budget.cpus_per_trial) - budget.threads_per_trial if gpus == 0 else \
             int(budget.cpus_per_trial) - 1
         settings["data.num_workers"] = max(0, min(base.data.num_workers, spare))
     if "train.device" not in fixed:
-        settings["train.device"] = "cuda" if budget.gpus_per_trial > 0 else "cpu"
+        settings["train.device"] = "auto" if gpus == "auto" else "cuda" if gpus > 0 else "cpu"
     return settings
+
+
+def resolve_gpus_per_trial(space: SearchSpace, gpus_per_trial: float) -> SearchSpace:
+    """The space of a ``gpus_per_trial: auto`` budget with the number decided for it, and
+    ``train.device`` and ``data.num_workers`` derived from that number, as if it had been
+    written in the file (keys that ``fixed`` or ``runtime`` set are left alone)."""
+    if space.budget.gpus_per_trial != "auto":
+        raise ValueError(f"budget.gpus_per_trial is {space.budget.gpus_per_trial!r}, not auto: nothing to resolve")
+    budget = dataclasses.replace(space.budget, gpus_per_trial=float(gpus_per_trial))
+    _check_budget(budget, space.source)
+    # the workers were counted for a GPU trial, the larger count: deriving them again only lowers them
+    settings = {key: value for key, value in _trial_settings(budget, space.base_config, space.fixed).items()
+                if key not in space.runtime_keys}
+    base_config = space.base_config.with_overrides(settings, source=f"{space.source} (fixed)")
+    return dataclasses.replace(space, budget=budget, base_config=base_config)
 
 
 # --- helpers --------------------------------------------------------------------------------
