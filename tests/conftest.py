@@ -1,13 +1,19 @@
-"""Shared fixtures: a tiny synthetic Cityscapes tree and a config that trains on it in seconds."""
+"""Shared fixtures: a tiny synthetic Cityscapes tree and a config that trains on it in seconds,
+and the process state that tests calling the commands in this process must put back."""
 
 from __future__ import annotations
 
 import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from seg.config import Config
+pytest.register_assert_rewrite("helpers")  # before it is imported: its asserts explain themselves too
+
+from helpers import NanLoss, ray_tmp_dir, restored_tracking_uri  # noqa: E402
+from seg.config import Config  # noqa: E402
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -46,3 +52,30 @@ def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+@pytest.fixture
+def restore_process_state() -> Iterator[None]:
+    """Scripts' ``main()`` set signal handlers and MLflow's URI process-wide: put them back."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    with restored_tracking_uri():
+        yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+@pytest.fixture
+def nan_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training's loss (``seg.engine.build_loss``) returns NaN from the first step: a diverged run."""
+    import seg.engine
+
+    real_build_loss = seg.engine.build_loss
+    monkeypatch.setattr(seg.engine, "build_loss", lambda cfg, weights=None: NanLoss(real_build_loss(cfg, weights)))
+
+
+@pytest.fixture
+def private_ray_tmp() -> Iterator[Path]:
+    """``RAY_TMPDIR`` for a subprocess (see :func:`helpers.script_env`): a Ray started there
+    is this test's alone and leaves its session directory there."""
+    with ray_tmp_dir() as path:
+        yield path

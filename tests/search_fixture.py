@@ -9,43 +9,12 @@ About 30 s on 2 cores.
 
 from __future__ import annotations
 
-import os
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-
-SPACE = """\
-name: tiny
-description: the shared test search
-fixed:
-  data.root: {root}
-  data.crop_size: [64, 128]
-  data.scale_range: [1.0, 1.0]
-  data.batch_size: 2
-  data.eval_batch_size: 3
-  model.arch: fcn32s
-  model.backbone: resnet18
-  train.max_steps_per_epoch: 2
-space:
-  optim.lr: {{loguniform: [1.0e-3, 10.0]}}
-  optim.momentum: {{uniform: [0.5, 0.95]}}
-initial:
-  - {{optim.lr: 10.0, optim.momentum: 0.95}}
-budget:
-  trials: 4
-  max_epochs: 2
-  concurrency: 2
-  cpus_per_trial: 1
-  seed: 0
-  startup_trials: 4
-  grace_period: 1
-  reduction_factor: 2
-  max_failures: 0
-"""
+from helpers import load_script, restored_tracking_uri, small_search_space
 
 
 @dataclass(frozen=True)
@@ -60,25 +29,16 @@ class SmallSearch:
 
 @pytest.fixture(scope="session")
 def small_search(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> SmallSearch:
-    import mlflow
-
     from seg.tuning.search import run_search
     from seg.tuning.space import load_space
 
     directory = tmp_path_factory.mktemp("small_search")
     space_file = directory / "tiny.yaml"
-    space_file.write_text(textwrap.dedent(SPACE.format(root=synthetic_root)))
+    space_file.write_text(small_search_space(synthetic_root, max_failures=0, description="the shared test search"))
     uri = f"sqlite:///{directory / 'mlflow.db'}"
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    try:
+    with restored_tracking_uri():  # run_search points this process at its store: the other tests keep theirs
         result = run_search(load_space(space_file), storage=directory / "ray", tracking_uri=uri, num_overlays=1,
                             verbose=0)
-    finally:  # run_search points this process at its store: give the other tests theirs back
-        if before is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = before
-        mlflow.set_tracking_uri(before)
     return SmallSearch(tracking_uri=result.tracking_uri, name=result.search_dir.name,
                        parent_run_id=result.parent_run_id, experiment_id=result.experiment_id, result=result,
                        directory=directory)
@@ -131,12 +91,9 @@ class ScriptResult:
 def run_script(capsys: pytest.CaptureFixture):
     """``run_script("report", [...])``: calls ``scripts/report.py``'s ``main`` in this process and
     returns its exit code, stdout and last stderr line, checking that no traceback was printed."""
-    from importlib import util
 
     def run(name: str, argv: list[str]) -> ScriptResult:
-        spec = util.spec_from_file_location(f"{name}_script", SCRIPTS / f"{name}.py")
-        module = util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = load_script(name)
         code = module.main(argv)
         captured = capsys.readouterr()
         assert "Traceback" not in captured.err

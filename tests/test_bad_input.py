@@ -10,53 +10,23 @@ returns the exit code); one case per script runs it as a real subprocess.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
+from helpers import (LR, SCRIPTS, create_tracking_store, first_image_and_label, load_script, model_checkpoint,
+                     restored_tracking_uri, script_env, tiny_space, write_config)
 from seg.config import Config
 
 pytest_plugins = ["search_fixture"]
-
-REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = REPO / "scripts"
-
-
-def load_script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bad_input_{name}_script", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def restore_process_state():
-    """Scripts' ``main()`` set signal handlers and MLflow's URI process-wide: put them back."""
-    import mlflow
-
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    yield
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-    if uri is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
+pytestmark = pytest.mark.usefixtures("restore_process_state")  # the scripts' main() set process-wide state
 
 
 @pytest.fixture
@@ -85,32 +55,26 @@ def one_line_error(error: str) -> None:
 
 # --- damaged data ----------------------------------------------------------------------------
 
-def _first(root: Path, split: str = "train") -> tuple[Path, Path]:
-    image = sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))[0]
-    label = root / "gtFine" / split / image.parent.name / image.name.replace("_leftImg8bit", "_gtFine_labelIds")
-    return image, label
-
-
 def missing_label(root: Path) -> Path:
-    _, label = _first(root)
+    _, label = first_image_and_label(root)
     label.unlink()
     return label
 
 
 def not_a_png(root: Path) -> Path:
-    image, _ = _first(root, "val")
+    image, _ = first_image_and_label(root, "val")
     image.write_bytes(b"<html>404 Not Found</html>" * 4)
     return image
 
 
 def truncated_label(root: Path) -> Path:
-    _, label = _first(root)
+    _, label = first_image_and_label(root)
     label.write_bytes(label.read_bytes()[:200])
     return label
 
 
 def unknown_label_id(root: Path) -> Path:
-    _, label = _first(root, "val")
+    _, label = first_image_and_label(root, "val")
     ids = np.asarray(Image.open(label)).copy()
     ids[3:6, 3:6] = 200
     Image.fromarray(ids).save(label)
@@ -118,7 +82,7 @@ def unknown_label_id(root: Path) -> Path:
 
 
 def size_mismatch(root: Path) -> Path:
-    _, label = _first(root)
+    _, label = first_image_and_label(root)
     Image.fromarray(np.zeros((32, 128), np.uint8)).save(label)
     return label
 
@@ -149,20 +113,8 @@ def damaged(request, synthetic_root: Path, tmp_path: Path) -> tuple[Path, Path]:
     return root, DAMAGE[request.param](root)
 
 
-SPACE = """\
-name: tiny
-fixed:
-  data.root: {root}
-  data.crop_size: [64, 128]
-  data.scale_range: [1.0, 1.0]
-  data.batch_size: 2
-  model.arch: fcn32s
-  model.backbone: resnet18
-  train.max_steps_per_epoch: 1
-space:
-  optim.lr: {{loguniform: [1.0e-3, 1.0e-1]}}
-budget: {{trials: 2, max_epochs: 1, concurrency: 1}}
-"""
+def space_text(root: Path | str) -> str:
+    return tiny_space(root, space=LR, budget={"trials": 2, "max_epochs": 1, "concurrency": 1})
 
 
 def tune_args(tmp_path: Path, space: Path, *extra: str) -> list[str]:
@@ -176,7 +128,7 @@ def test_tune_refuses_bad_data_before_ray_or_mlflow(damaged, tmp_path, no_ray, c
 
     root, named = damaged
     space = tmp_path / "space.yaml"
-    space.write_text(SPACE.format(root=root))
+    space.write_text(space_text(root))
     code = load_script("tune").main(tune_args(tmp_path, space))
     error = capsys.readouterr().err
     assert code == 2, error
@@ -190,15 +142,8 @@ def test_tune_refuses_bad_data_before_ray_or_mlflow(damaged, tmp_path, no_ray, c
 def shared_store(tmp_path_factory) -> Path:
     """One tracking store for the train.py cases (creating the tables takes seconds)."""
     database = tmp_path_factory.mktemp("store") / "mlflow.db"
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(f"sqlite:///{database}").search_experiments()
+    create_tracking_store(database)
     return database
-
-
-def write_config(cfg: Config, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(cfg.to_dict()))
-    return path
 
 
 def train_on(damaged, tiny_config: Config, tmp_path: Path, database: Path, capsys) -> tuple[int, str, int]:
@@ -226,24 +171,11 @@ def test_train_creates_no_run_for_bad_data(damaged, tiny_config, tmp_path, share
     assert code == 2 and created == 0, error
 
 
-@pytest.fixture
-def private_ray_tmp():
-    """RAY_TMPDIR for a subprocess: a Ray started there would leave a session directory."""
-    path = Path(tempfile.mkdtemp(prefix="segbad", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def script_env(ray_tmp: Path) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if key not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    return {**env, "RAY_TMPDIR": str(ray_tmp), "RAY_USAGE_STATS_ENABLED": "0"}
-
-
 @pytest.mark.parametrize("damaged", ["missing label"], indirect=True)
 def test_tune_subprocess_exits_2_before_ray(damaged, tmp_path, private_ray_tmp):
     root, named = damaged
     space = tmp_path / "space.yaml"
-    space.write_text(SPACE.format(root=root))
+    space.write_text(space_text(root))
     done = subprocess.run([sys.executable, str(SCRIPTS / "tune.py"), *tune_args(tmp_path, space)],
                           capture_output=True, text=True, timeout=180, env=script_env(private_ray_tmp))
     assert done.returncode == 2, done.stderr
@@ -267,7 +199,7 @@ def test_train_subprocess_exits_2_naming_the_file(damaged, tiny_config, tmp_path
 
 # --- bad search spaces and configs through the commands ----------------------------------------
 
-GOOD_SPACE = SPACE.format(root="ROOT")
+GOOD_SPACE = space_text("ROOT")
 SPACE_CASES = {
     "unknown key": (GOOD_SPACE.replace("optim.lr:", "optim.lrr:"), "optim.lrr"),
     "wrong type": (GOOD_SPACE.replace("data.batch_size: 2", "data.batch_size: two"), "data.batch_size"),
@@ -304,7 +236,7 @@ def test_exponent_without_a_dot_is_a_number_in_a_space(tmp_path, synthetic_root)
     from seg.tuning.space import load_space
 
     space = tmp_path / "space.yaml"
-    space.write_text(SPACE.format(root=synthetic_root).replace("[1.0e-3, 1.0e-1]", "[1e-5, 1e-1]"))
+    space.write_text(space_text(synthetic_root).replace("[1.0e-3, 1.0e-1]", "[1e-5, 1e-1]"))
     (param,) = load_space(space).params
     distribution = param.distribution()
     assert (distribution.low, distribution.high, distribution.log) == (1e-5, 0.1, True)
@@ -371,7 +303,7 @@ def test_train_bad_command_lines(args, expected, tmp_path, capsys):
 ])
 def test_tune_bad_command_lines(args, expected, tmp_path, synthetic_root, no_ray, capsys):
     space = tmp_path / "space.yaml"
-    space.write_text(SPACE.format(root=synthetic_root))
+    space.write_text(space_text(synthetic_root))
     names = {"SPACE": str(space), "SPACE_MISSING": str(tmp_path / "absent.yaml"), "NOWHERE": str(tmp_path / "nowhere")}
     args = [names.get(a, a).replace("NOWHERE", names["NOWHERE"]) for a in args]
     code = load_script("tune").main(tune_args(tmp_path, Path(args[0]), *args[1:]))
@@ -389,12 +321,7 @@ def test_tune_bad_command_lines(args, expected, tmp_path, synthetic_root, no_ray
     (["--predictions", "OUT", "--data-root", "NOWHERE"], "NOWHERE"),
 ])
 def test_evaluate_bad_command_lines(args, expected, tmp_path, tiny_config, synthetic_root, capsys):
-    from seg.checkpoint import save_checkpoint
-    from seg.models import build_model_from_config
-
-    checkpoint = save_checkpoint(tmp_path / "best.pt", {
-        "model": build_model_from_config(tiny_config.model).state_dict(), "optimizer": None, "scheduler": None,
-        "epoch": 1, "config": tiny_config.to_dict()})
+    checkpoint = model_checkpoint(tmp_path / "best.pt", tiny_config)
     (tmp_path / "out").mkdir()
     names = {"CHECKPOINT": str(checkpoint), "OUT": str(tmp_path / "out"), "NOWHERE": str(tmp_path / "nowhere")}
     args = [names.get(a, a) for a in args]
@@ -410,18 +337,9 @@ def test_evaluate_bad_command_lines(args, expected, tmp_path, tiny_config, synth
 @pytest.fixture(scope="module")
 def fake_store(tmp_path_factory, fake_search) -> str:
     """A tracking store holding a (training-free) search with two completed trials."""
-    import mlflow
-
     uri = f"sqlite:///{tmp_path_factory.mktemp('fake_store') / 'mlflow.db'}"
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    try:
+    with restored_tracking_uri():  # it points this process at the store: give it back
         fake_search(uri, "tiny", [[0.1, 0.2], [0.3, 0.4]])
-    finally:  # it points this process at the store: give it back
-        if before is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = before
-        mlflow.set_tracking_uri(before)
     return uri
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import seg.checkpoint as checkpoint_module
+from helpers import Payload
 from seg.checkpoint import (capture_rng_state, copy_checkpoint, load_checkpoint, restore_rng_state,
                             save_checkpoint)
 from seg.config import Config
@@ -101,16 +102,6 @@ def test_corrupt_file_is_a_checkpoint_error(tmp_path: Path, content: bytes) -> N
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match="bad.pt"):
         load_checkpoint(path)
-
-
-class Payload:
-    """Pickles to a call that creates a marker file: what an attacker's checkpoint would do."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
 
 
 @pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])

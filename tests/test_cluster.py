@@ -11,31 +11,21 @@ installed (it parses only: no Docker daemon is needed).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-CLUSTER_SCRIPT = REPO / "scripts" / "cluster.py"
+from helpers import LR, REPO, SCRIPTS, decode_address, listening_sockets, load_script, shared_tmp_path, tiny_space
+
+CLUSTER_SCRIPT = SCRIPTS / "cluster.py"
 DOCKER = REPO / "docker"
-
-
-def _load_cluster_module():
-    spec = importlib.util.spec_from_file_location("seg_cluster_script", CLUSTER_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cluster_script = _load_cluster_module()
+cluster_script = load_script("cluster")
 
 needs_postgres = pytest.mark.skipif(
     cluster_script.postgres_bin_dir() is None,
@@ -46,40 +36,6 @@ needs_postgres = pytest.mark.skipif(
 def run_cluster(state_dir: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(CLUSTER_SCRIPT), "--state-dir", str(state_dir), *args],
                           capture_output=True, text=True, timeout=timeout)
-
-
-def listening_addresses(pids: set[int]) -> list[tuple[int, str]]:
-    """(pid, local address) of every listening TCP socket the given processes hold."""
-    inodes = {}
-    for pid in pids:
-        try:
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                target = os.readlink(fd)
-                if target.startswith("socket:["):
-                    inodes[target[8:-1]] = pid
-        except OSError:
-            continue
-    found = []
-    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state == "0A" and inode in inodes:  # 0A: LISTEN
-                address = local.split(":")[0]
-                assert len(address) == width
-                found.append((inodes[inode], _decode_address(address)))
-    return found
-
-
-def _decode_address(hex_address: str) -> str:
-    raw = bytes.fromhex(hex_address)
-    # /proc/net prints each 32-bit word in host (little-endian) order.
-    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-    if len(words) == 4:
-        return ".".join(str(b) for b in words)
-    if words[:12] == b"\0" * 10 + b"\xff\xff":
-        return "::ffff:" + ".".join(str(b) for b in words[12:])
-    return words.hex()
 
 
 @dataclass
@@ -116,24 +72,24 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
-    state_dir = tmp_path_factory.mktemp("cluster")
-    try:
-        up = run_cluster(state_dir, "up", "--nodes", "2", "--cpus-per-node", "1", timeout=400)
-        assert up.returncode == 0, f"cluster.py up failed:\n{up.stdout}\n{up.stderr}"
-        state = json.loads((state_dir / "state.json").read_text())
-        printed = run_cluster(state_dir, "env", "--json")
-        assert printed.returncode == 0, printed.stderr
-        yield Cluster(state_dir, state, {**os.environ, **json.loads(printed.stdout)})
-    finally:
-        recorded = state_dir / "state.json"
-        state = json.loads(recorded.read_text()) if recorded.is_file() else None
-        down = run_cluster(state_dir, "down", timeout=180)
-        assert down.returncode == 0, f"cluster.py down failed:\n{down.stdout}\n{down.stderr}"
-        if state is not None:
-            left = Cluster(state_dir, state, {}).all_pids()
-            assert not left, f"processes left running after down: {sorted(left)}"
-            assert not Path(state["runtime_dir"]).exists()
+def cluster(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+    with shared_tmp_path(request, tmp_path_factory, "cluster") as state_dir:  # the searches' checkpoints too
+        try:
+            up = run_cluster(state_dir, "up", "--nodes", "2", "--cpus-per-node", "1", timeout=400)
+            assert up.returncode == 0, f"cluster.py up failed:\n{up.stdout}\n{up.stderr}"
+            state = json.loads((state_dir / "state.json").read_text())
+            printed = run_cluster(state_dir, "env", "--json")
+            assert printed.returncode == 0, printed.stderr
+            yield Cluster(state_dir, state, {**os.environ, **json.loads(printed.stdout)})
+        finally:
+            recorded = state_dir / "state.json"
+            state = json.loads(recorded.read_text()) if recorded.is_file() else None
+            down = run_cluster(state_dir, "down", timeout=180)
+            assert down.returncode == 0, f"cluster.py down failed:\n{down.stdout}\n{down.stderr}"
+            if state is not None:
+                left = Cluster(state_dir, state, {}).all_pids()
+                assert not left, f"processes left running after down: {sorted(left)}"
+                assert not Path(state["runtime_dir"]).exists()
 
 
 @needs_postgres
@@ -142,9 +98,9 @@ def test_services_are_up_on_loopback_only(cluster: Cluster) -> None:
     status = run_cluster(cluster.state_dir, "status", timeout=120)
     assert status.returncode == 0, status.stdout + status.stderr
     assert len(cluster.nodes) == 2 and cluster.nodes[0]["head"] and not cluster.nodes[1]["head"]
-    listening = listening_addresses(cluster.all_pids())
+    listening = listening_sockets(cluster.all_pids())
     assert listening, "found no listening socket of the cluster's processes"
-    assert all(address in ("127.0.0.1", "::ffff:127.0.0.1") for _, address in listening), listening
+    assert all(address in ("127.0.0.1", "::ffff:127.0.0.1") for _, address, _ in listening), listening
     # PostgreSQL runs as a non-root user even when the tests run as root.
     owner = Path(f"/proc/{cluster.state['postgres']['pid']}").stat().st_uid
     assert os.geteuid() != 0 or owner != 0
@@ -193,38 +149,15 @@ def test_a_ray_task_on_the_second_node_logs_to_the_server(cluster: Cluster, tmp_
     assert note.read_text() == "logged from the second node"
 
 
-SPACE = """\
-name: {name}
-description: four tiny trials on a two-node Ray cluster
-fixed:
-  data.crop_size: [64, 128]
-  data.scale_range: [1.0, 1.0]
-  data.batch_size: 2
-  data.eval_batch_size: 3
-  model.arch: fcn32s
-  model.backbone: resnet18
-  train.max_steps_per_epoch: 2
-space:
-  optim.lr: {{loguniform: [1.0e-3, 1.0e-1]}}
-budget:
-  trials: 4
-  max_epochs: 2
-  concurrency: 2
-  cpus_per_trial: 1
-  seed: 0
-  startup_trials: 4
-  grace_period: 2
-  max_failures: 0
-"""
-
-
 def run_search_on_cluster(cluster: Cluster, synthetic_root: Path, tmp_path: Path, name: str,
                           address: str) -> tuple[subprocess.CompletedProcess, Path]:
     space = tmp_path / f"{name}.yaml"
-    space.write_text(SPACE.format(name=name))
+    space.write_text(tiny_space(None, name=name, description="four tiny trials on a two-node Ray cluster", space=LR,
+                                budget={"trials": 4, "max_epochs": 2, "concurrency": 2, "cpus_per_trial": 1,
+                                        "seed": 0, "startup_trials": 4, "grace_period": 2, "max_failures": 0}))
     # data.root is relative to the driver's cwd: the search must hand trials (whose cwd
     # is a Ray session directory) an absolute path.
-    command = [sys.executable, str(REPO / "scripts" / "tune.py"), str(space), "--address", address,
+    command = [sys.executable, str(SCRIPTS / "tune.py"), str(space), "--address", address,
                "--tracking-uri", cluster.state["mlflow"]["uri"], "--storage", cluster.state["storage"],
                "--name", name, "--set", f"data.root={synthetic_root.name}", "--quiet"]
     done = subprocess.run(command, env=cluster.env, cwd=synthetic_root.parent, capture_output=True, text=True,
@@ -302,9 +235,9 @@ def test_cluster_script_without_a_cluster(tmp_path: Path) -> None:
 
 
 def test_decode_proc_net_addresses() -> None:
-    assert _decode_address("0100007F") == "127.0.0.1"
-    assert _decode_address("0000000000000000FFFF00000100007F") == "::ffff:127.0.0.1"
-    assert _decode_address("00000000") == "0.0.0.0"
+    assert decode_address("0100007F") == "127.0.0.1"
+    assert decode_address("0000000000000000FFFF00000100007F") == "::ffff:127.0.0.1"
+    assert decode_address("00000000") == "0.0.0.0"
 
 
 # --- Docker files ----------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
 import subprocess
@@ -15,14 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import REPO, load_script
 from seg.data.labels import CLASS_NAMES
 from seg.errors import DataError
 from seg.evaluation import evaluate_prediction_dir
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("evaluate_script", REPO / "scripts" / "evaluate.py")
-evaluate_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(evaluate_script)
+evaluate_script = load_script("evaluate")
 
 # labelIds: 0 unlabeled, 4 static (void), 7 road, 8 sidewalk, 9 parking (ignored class), 26 car
 TINY_GT = {

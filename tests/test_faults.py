@@ -26,83 +26,35 @@ load from many processes is here too.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import pickle
-import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-TUNE = REPO / "scripts" / "tune.py"
+from helpers import (SCRIPTS, create_tracking_store, descendants, load_script, model_checkpoint, proc_stat,
+                     ray_tmp_dir, script_env, shared_tmp_path, tiny_space, write_config)
+
+TUNE = SCRIPTS / "tune.py"
 TRIALS = 3
 EPOCHS = 3
 FINAL_STATES = ("completed", "early_stopped", "failed")
 
-SPACE = """\
-name: faults
-fixed:
-  data.root: {root}
-  data.crop_size: [64, 128]
-  data.scale_range: [1.0, 1.0]
-  data.batch_size: 2
-  data.eval_batch_size: 3
-  model.arch: fcn32s
-  model.backbone: resnet18
-  train.max_steps_per_epoch: 2
-space:
-  optim.lr: {{loguniform: [1.0e-3, 1.0e-1]}}
-  optim.momentum: {{uniform: [0.5, 0.95]}}
-budget:
-  trials: {trials}
-  max_epochs: {epochs}
-  concurrency: 2
-  cpus_per_trial: 1
-  seed: 0
-  startup_trials: {trials}
-  grace_period: {epochs}
-  max_failures: 1
-"""
-
-
 # --- processes ---------------------------------------------------------------------------------
-
-def _stat(pid: int) -> list[str] | None:
-    try:
-        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1]).split()
-    except (OSError, IndexError):
-        return None
-
-
-def descendants(root: int) -> set[int]:
-    """Every live process below ``root`` (by parent pid, from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (stat := _stat(int(entry.name))):
-            children.setdefault(int(stat[1]), []).append(int(entry.name))
-    found, todo = set(), [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
 
 def _identity(pid: int) -> tuple[str, str] | None:
     """(start time, command line) of a live process: a pid alone may be reused."""
-    stat = _stat(pid)
+    stat = proc_stat(pid)
     if stat is None or stat[0] == "Z":
         return None
     with contextlib.suppress(OSError):
@@ -254,11 +206,16 @@ def worker_of(driver: Driver, trial_id: str) -> list[int]:
 
 def run_faulty_search(kind: str, synthetic_root: Path, directory: Path) -> FaultySearch:
     space = directory / "space.yaml"
-    space.write_text(textwrap.dedent(SPACE.format(root=synthetic_root, trials=TRIALS, epochs=EPOCHS)))
+    space.write_text(tiny_space(synthetic_root, name="faults", budget={
+        "trials": TRIALS, "max_epochs": EPOCHS, "concurrency": 2, "cpus_per_trial": 1, "seed": 0,
+        "startup_trials": TRIALS, "grace_period": EPOCHS, "max_failures": 1}))  # no early stopping
     database = directory / "mlflow.db"
-    ray_tmp = Path(tempfile.mkdtemp(prefix="segflt", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    env = {key: value for key, value in os.environ.items() if key not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    env.update(RAY_TMPDIR=str(ray_tmp), RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    with ray_tmp_dir("segflt") as ray_tmp:
+        return fault_and_resume(kind, space, database, directory, script_env(ray_tmp, PYTHONUNBUFFERED="1"))
+
+
+def fault_and_resume(kind: str, space: Path, database: Path, directory: Path, env: dict[str, str]) -> FaultySearch:
+    """Runs the search in ``directory``, brings the fault ``kind`` on it, then resumes it."""
     common = ["--name", kind, "--storage", str(directory / "ray"), "--quiet", "--overlays", "0"]
     log = directory / "tune.log"
     first = Driver([str(space), *common, "--tracking-uri", f"sqlite:///{database}"], env, log, directory)
@@ -334,17 +291,18 @@ def run_faulty_search(kind: str, synthetic_root: Path, directory: Path) -> Fault
                         os.killpg(driver.process.pid, signal.SIGKILL)
                     driver.process.wait()
                 driver.kill_leftovers()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def sigint_search(synthetic_root, tmp_path_factory) -> FaultySearch:
-    return run_faulty_search("sigint", synthetic_root, tmp_path_factory.mktemp("sigint"))
+def sigint_search(synthetic_root, tmp_path_factory, request) -> Iterator[FaultySearch]:
+    with shared_tmp_path(request, tmp_path_factory, "sigint") as directory:
+        yield run_faulty_search("sigint", synthetic_root, directory)
 
 
 @pytest.fixture(scope="module")
-def sigkill_search(synthetic_root, tmp_path_factory) -> FaultySearch:
-    return run_faulty_search("sigkill", synthetic_root, tmp_path_factory.mktemp("sigkill"))
+def sigkill_search(synthetic_root, tmp_path_factory, request) -> Iterator[FaultySearch]:
+    with shared_tmp_path(request, tmp_path_factory, "sigkill") as directory:
+        yield run_faulty_search("sigkill", synthetic_root, directory)
 
 
 @pytest.fixture(params=["sigint", "sigkill"])
@@ -546,48 +504,17 @@ def test_kill_while_saving_leaves_a_loadable_checkpoint(tmp_path):
         assert state["model"]["w"].numel() == 32 * 1024 * 1024 and bool(state["model"]["w"].eq(1).all())
 
 
-def _save_valid(path: Path, cfg) -> Path:
-    from seg.checkpoint import save_checkpoint
-    from seg.models import build_model_from_config
-
-    return save_checkpoint(path, {"model": build_model_from_config(cfg.model).state_dict(), "optimizer": {},
-                                  "scheduler": {}, "epoch": 1, "config": cfg.to_dict()})
-
-
 def _damage(path: Path, how: str) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 3] if how == "truncated" else os.urandom(len(data)))
     return path
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"faults_{name}_script", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def restore_process_state():
-    import mlflow
-
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    yield
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-    if uri is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-
-
 @pytest.mark.parametrize("how", ["truncated", "corrupt"])
 def test_evaluate_names_a_damaged_checkpoint(tmp_path, tiny_config, synthetic_root, capsys, how):
-    checkpoint = _damage(_save_valid(tmp_path / "best.pt", tiny_config), how)
-    code = _script("evaluate").main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "eval"),
-                                     "--data-root", str(synthetic_root), "--device", "cpu"])
+    checkpoint = _damage(model_checkpoint(tmp_path / "best.pt", tiny_config), how)
+    code = load_script("evaluate").main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "eval"),
+                                         "--data-root", str(synthetic_root), "--device", "cpu"])
     error = capsys.readouterr().err
     assert code == 2 and error.startswith(f"error: {checkpoint}") and "Traceback" not in error, error
     assert len(error.strip().splitlines()) == 1
@@ -596,23 +523,16 @@ def test_evaluate_names_a_damaged_checkpoint(tmp_path, tiny_config, synthetic_ro
 @pytest.fixture(scope="module")
 def store_uri(tmp_path_factory) -> str:
     """One tracking store for the module's train.py runs (creating its tables takes seconds)."""
-    from mlflow.tracking import MlflowClient
-
-    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
-    MlflowClient(uri).search_experiments()
-    return uri
+    return create_tracking_store(tmp_path_factory.mktemp("store") / "mlflow.db")
 
 
 @pytest.mark.parametrize("how", ["truncated", "corrupt"])
 def test_train_resume_names_a_damaged_checkpoint(tmp_path, tiny_config, capsys, how, store_uri,
                                                  restore_process_state):
-    import yaml
-
-    checkpoint = _damage(_save_valid(tmp_path / "last.pt", tiny_config), how)
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_config.to_dict()))
-    code = _script("train").main([str(config), "--resume", str(checkpoint), "--out-dir", str(tmp_path / "out"),
-                                  "--tracking-uri", store_uri])
+    checkpoint = _damage(model_checkpoint(tmp_path / "last.pt", tiny_config), how)
+    config = write_config(tiny_config, tmp_path / "tiny.yaml")
+    code = load_script("train").main([str(config), "--resume", str(checkpoint), "--out-dir", str(tmp_path / "out"),
+                                      "--tracking-uri", store_uri])
     error = capsys.readouterr().err
     assert code == 2 and error.startswith(f"error: {checkpoint}") and "Traceback" not in error, error
     assert "unpickl" not in error.lower() and len(error.strip().splitlines()) == 1

@@ -10,35 +10,17 @@ and two real searches with one seed sample the same first trials
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import signal
-from pathlib import Path
 
 import pytest
-import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import load_script, write_config
 
 
 @pytest.fixture
-def train_main(monkeypatch):
+def train_main(restore_process_state):
     """``scripts/train.py``'s ``main``, run in this process (its signal handler and MLflow URI put back)."""
-    import mlflow
-
-    spec = importlib.util.spec_from_file_location("repro_train_script", REPO / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    handler = signal.getsignal(signal.SIGTERM)
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    yield module.main
-    signal.signal(signal.SIGTERM, handler)
-    if uri is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
+    return load_script("train").main
 
 
 def logged_metrics(uri: str, experiment: str) -> dict[str, list[tuple[int, float | None]]]:
@@ -61,8 +43,7 @@ def test_same_config_and_seed_give_the_same_logged_metrics(train_main, tiny_conf
     cfg = tiny_config.with_overrides({"data.scale_range": [0.75, 1.25], "data.crop_size": [48, 96],
                                       "data.hflip": True, "data.color_jitter": 0.3, "train.epochs": 2,
                                       "train.max_steps_per_epoch": 2, "optim.lr": 0.05})
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    config = write_config(cfg, tmp_path / "tiny.yaml")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     for name in ("first", "second"):
         code = train_main([str(config), "--out-dir", str(tmp_path / name), "--tracking-uri", uri,

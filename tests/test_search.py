@@ -16,41 +16,14 @@ import pickle
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-SPACE = """\
-name: tiny
-fixed:
-  data.root: {root}
-  data.crop_size: [64, 128]
-  data.scale_range: [1.0, 1.0]
-  data.batch_size: 2
-  data.eval_batch_size: 3
-  model.arch: fcn32s
-  model.backbone: resnet18
-  train.max_steps_per_epoch: 2
-space:
-  optim.lr: {{loguniform: [1.0e-3, 10.0]}}
-  optim.momentum: {{uniform: [0.5, 0.95]}}
-initial:
-  - {{optim.lr: 10.0, optim.momentum: 0.95}}
-budget:
-  trials: 4
-  max_epochs: 2
-  concurrency: 2
-  cpus_per_trial: 1
-  seed: 0
-  startup_trials: 4
-  grace_period: 1
-  reduction_factor: 2
-  max_failures: 1
-"""
-REPO = Path(__file__).resolve().parent.parent
+from helpers import REPO, restored_tracking_uri, shared_tmp_path, small_search_space
+
 TRIALS = 4
 
 
@@ -90,38 +63,31 @@ def _interrupt_when_a_trial_finishes(uri: str, stop: threading.Event) -> threadi
 
 
 @pytest.fixture(scope="module")
-def search(ray_cluster, synthetic_root, tmp_path_factory):
+def search(ray_cluster, synthetic_root, tmp_path_factory, request):
     """(first session's result, resumed session's result, tracking URI, space)."""
-    import mlflow
-
     from seg.tuning.search import run_search
     from seg.tuning.space import load_space
 
-    directory = tmp_path_factory.mktemp("search")
-    space_file = directory / "tiny.yaml"
-    space_file.write_text(textwrap.dedent(SPACE.format(root=synthetic_root)))
-    uri = f"sqlite:///{directory / 'mlflow.db'}"
-    space = load_space(space_file)
-    before_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    # Tune handles the first SIGINT and restores this handler afterwards: a late signal
-    # must not become a KeyboardInterrupt in pytest
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: None)
-    stop = threading.Event()
-    try:
-        _interrupt_when_a_trial_finishes(uri, stop)
-        first = run_search(space, storage=directory / "ray", tracking_uri=uri, num_overlays=1, verbose=0)
-        stop.set()
-        resumed = run_search(load_space(space_file), storage=directory / "ray", resume=True, num_overlays=1,
-                             verbose=0)
-    finally:
-        stop.set()
-        signal.signal(signal.SIGINT, previous_handler)
-        if before_uri is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = before_uri
-        mlflow.set_tracking_uri(before_uri)
-    return first, resumed, uri, space
+    with shared_tmp_path(request, tmp_path_factory, "search") as directory:
+        space_file = directory / "tiny.yaml"
+        space_file.write_text(small_search_space(synthetic_root, max_failures=1))
+        uri = f"sqlite:///{directory / 'mlflow.db'}"
+        space = load_space(space_file)
+        # Tune handles the first SIGINT and restores this handler afterwards: a late signal
+        # must not become a KeyboardInterrupt in pytest
+        previous_handler = signal.signal(signal.SIGINT, lambda *_: None)
+        stop = threading.Event()
+        try:
+            with restored_tracking_uri():
+                _interrupt_when_a_trial_finishes(uri, stop)
+                first = run_search(space, storage=directory / "ray", tracking_uri=uri, num_overlays=1, verbose=0)
+                stop.set()
+                resumed = run_search(load_space(space_file), storage=directory / "ray", resume=True, num_overlays=1,
+                                     verbose=0)
+        finally:
+            stop.set()
+            signal.signal(signal.SIGINT, previous_handler)
+        yield first, resumed, uri, space
 
 
 @pytest.fixture(scope="module")
@@ -248,12 +214,12 @@ def test_resources_and_data_are_checked_before_ray(tmp_path, synthetic_root):
     from seg.tuning.space import load_space
 
     space_file = tmp_path / "tiny.yaml"
-    space_file.write_text(textwrap.dedent(SPACE.format(root=synthetic_root)))
+    space_file.write_text(small_search_space(synthetic_root, max_failures=1))
     with pytest.raises(ConfigError, match="gpus_per_trial"):
         run_search(load_space(space_file, overrides={"gpus_per_trial": 0.5}), storage=tmp_path / "ray",
                    tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     missing = tmp_path / "missing"
-    space_file.write_text(textwrap.dedent(SPACE.format(root=missing)))
+    space_file.write_text(small_search_space(missing, max_failures=1))
     with pytest.raises(DataError, match=str(missing)):
         run_search(load_space(space_file), storage=tmp_path / "ray", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert not (tmp_path / "mlflow.db").exists()  # nothing was tracked either

@@ -14,68 +14,28 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
-import yaml
 
+from helpers import (LR, REPO, SCRIPTS, Payload, create_tracking_store, decode_address, descendants,
+                     listening_sockets, load_script, script_env, tiny_space, write_config)
 from seg.config import Config
 from seg.errors import CheckpointError, ConfigError
 from seg.paths import check_name, safe_child
 
 pytest_plugins = ["search_fixture"]
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = REPO / "scripts"
-
-
-def load_script(name: str) -> ModuleType:
-    """``scripts/<name>.py`` as a module, to call its ``main()`` in this process."""
-    spec = importlib.util.spec_from_file_location(f"security_{name}_script", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def restore_process_state():
-    """Scripts' ``main()`` set signal handlers and MLflow's URI process-wide: put them back."""
-    import mlflow
-
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    yield
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-    if uri is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-
 
 # --- malicious pickles ---------------------------------------------------------------------
-
-class Payload:
-    """Unpickles to ``open(marker, "w")``: creates the marker file if it is ever run."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
 
 def malicious_checkpoint(path: Path, marker: Path, cfg: Config) -> Path:
     """A file shaped like a real training checkpoint, with the payload hidden in its metrics."""
@@ -125,8 +85,7 @@ def test_model_from_checkpoint_refuses_a_malicious_pickle(tmp_path, marker, tiny
 
 def test_train_resume_refuses_a_malicious_pickle(tmp_path, marker, tiny_config, capsys, restore_process_state):
     # the trainable resumes a retried or restored trial through the same fit(resume=...)
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_config.to_dict()))
+    config = write_config(tiny_config, tmp_path / "tiny.yaml")
     evil = malicious_checkpoint(tmp_path / "last.pt", marker, tiny_config)
     code = load_script("train").main([str(config), "--resume", str(evil), "--out-dir", str(tmp_path / "out"),
                                       "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
@@ -138,73 +97,22 @@ def test_train_resume_refuses_a_malicious_pickle(tmp_path, marker, tiny_config, 
 
 # --- servers on loopback ---------------------------------------------------------------------
 
-def descendants(root: int) -> set[int]:
-    """Every live process below ``root`` (by parent pid, from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(parent, []).append(int(entry.name))
-    found, todo = set(), [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def listening_sockets(pids: set[int]) -> list[tuple[int, str, int]]:
-    """(pid, address, port) of every listening TCP socket held by ``pids``, from /proc/net."""
-    inodes = {}
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                with contextlib.suppress(OSError):
-                    target = os.readlink(fd)
-                    if target.startswith("socket:["):
-                        inodes[target[8:-1]] = pid
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state == "0A" and inode in inodes:  # 0A: LISTEN
-                address, port = local.split(":")
-                found.append((inodes[inode], _decode_address(address), int(port, 16)))
-    return found
-
-
-def _decode_address(hex_address: str) -> str:
-    raw = bytes.fromhex(hex_address)
-    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # each 32-bit word in host order
-    if len(words) == 4:
-        return ".".join(map(str, words))
-    if words[:12] == b"\0" * 10 + b"\xff\xff":  # IPv4-mapped IPv6
-        return ".".join(map(str, words[12:]))
-    import ipaddress
-
-    return str(ipaddress.IPv6Address(words))
-
-
 def _is_loopback(address: str) -> bool:
+    address = address.removeprefix("::ffff:")  # an IPv4-mapped IPv6 address
     return address.startswith("127.") or address == "::1"
 
 
 def test_proc_net_decoding():
-    assert _decode_address("0100007F") == "127.0.0.1"
-    assert _decode_address("00000000") == "0.0.0.0"
-    assert _decode_address("0000000000000000FFFF00000100007F") == "127.0.0.1"
-    assert _decode_address("00000000000000000000000001000000") == "::1"
-    assert _decode_address("00000000000000000000000000000000") == "::"
+    assert decode_address("0100007F") == "127.0.0.1"
+    assert decode_address("00000000") == "0.0.0.0"
+    assert decode_address("0000000000000000FFFF00000100007F") == "::ffff:127.0.0.1"
+    assert _is_loopback(decode_address("0000000000000000FFFF00000100007F"))
+    assert decode_address("00000000000000000000000001000000") == "::1"
+    assert decode_address("00000000000000000000000000000000") == "::"
 
 
 def test_mlflow_ui_listens_on_loopback_only(tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    MlflowClient(uri).search_experiments()  # creates the store: ui.py refuses a missing one
+    uri = create_tracking_store(tmp_path / "mlflow.db")  # ui.py refuses a missing one
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
     log = tmp_path / "ui.log"
     with open(log, "w") as out:
@@ -240,7 +148,7 @@ def test_mlflow_ui_listens_on_loopback_only(tmp_path):
 RAY_PROBE = textwrap.dedent("""
     import json, os, sys
     sys.path.insert(0, sys.argv[1])
-    from test_security import descendants, listening_sockets
+    from helpers import descendants, listening_sockets
     import ray
     from seg.tuning.search import start_ray
     start_ray(num_cpus=1)
@@ -252,20 +160,11 @@ RAY_PROBE = textwrap.dedent("""
 """)
 
 
-def test_local_ray_of_a_search_listens_on_loopback_only(tmp_path):
+def test_local_ray_of_a_search_listens_on_loopback_only(tmp_path, private_ray_tmp):
     # without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 Ray on Linux swaps 127.0.0.1 for the
     # machine's outward address and its gRPC servers listen on every interface
-    # a private Ray temp dir: this Ray is ours alone (short path: Ray's socket names have a length limit)
-    ray_tmp = Path(tempfile.mkdtemp(prefix="segsec", dir="/tmp"))
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    try:
-        done = subprocess.run([sys.executable, "-c", RAY_PROBE, str(Path(__file__).parent)], capture_output=True,
-                              text=True, timeout=240, env=env, cwd=tmp_path)
-    finally:
-        import shutil
-
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    done = subprocess.run([sys.executable, "-c", RAY_PROBE, str(Path(__file__).parent)], capture_output=True,
+                          text=True, timeout=240, env=script_env(private_ray_tmp), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert result["sockets"], "found no listening socket of Ray's processes"
@@ -321,22 +220,6 @@ def test_train_run_name_cannot_leave_outputs(name):
     assert train.output_dir("plain", None) == train.OUTPUTS.resolve() / "plain"
 
 
-TINY_SPACE = """\
-name: tiny
-fixed:
-  data.root: {root}
-  data.crop_size: [64, 128]
-  data.scale_range: [1.0, 1.0]
-  data.batch_size: 2
-  model.arch: fcn32s
-  model.backbone: resnet18
-  train.max_steps_per_epoch: 1
-space:
-  optim.lr: {{loguniform: [1.0e-3, 1.0e-1]}}
-budget: {{trials: 1, max_epochs: 1, concurrency: 1}}
-"""
-
-
 @pytest.mark.parametrize("name", ["../escaped", "ABSOLUTE"])
 def test_tune_name_cannot_leave_the_storage_directory(tmp_path, synthetic_root, monkeypatch, capsys, name,
                                                       restore_process_state):
@@ -348,7 +231,7 @@ def test_tune_name_cannot_leave_the_storage_directory(tmp_path, synthetic_root, 
 
     monkeypatch.setattr(search, "start_ray", no_ray)
     space = tmp_path / "tiny.yaml"
-    space.write_text(TINY_SPACE.format(root=synthetic_root))
+    space.write_text(tiny_space(synthetic_root, space=LR, budget={"trials": 1, "max_epochs": 1, "concurrency": 1}))
     storage = tmp_path / "storage"
     code = load_script("tune").main([str(space), "--name", name, "--storage", str(storage), "--tracking-uri",
                                      f"sqlite:///{tmp_path / 'mlflow.db'}", "--quiet"])

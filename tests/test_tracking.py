@@ -12,11 +12,11 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-import seg.engine
+import seg
+from helpers import artifact_paths
 from seg.config import Config
 from seg.data.labels import CLASS_NAMES
 from seg.engine import EpochResult
@@ -41,13 +41,6 @@ def mlflow_uri(store_uri: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]
 def client(mlflow_uri: str) -> MlflowClient:
     tracking.configure_mlflow(mlflow_uri)
     return MlflowClient(mlflow_uri)
-
-
-def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
-    found = set()
-    for info in client.list_artifacts(run_id, path):
-        found |= artifact_paths(client, run_id, info.path) if info.is_dir else {info.path}
-    return found
 
 
 def test_default_uri_is_sqlite_in_the_repo_unless_overridden(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -183,22 +176,7 @@ def test_concurrent_processes_write_to_one_sqlite_store(client: MlflowClient, ml
 
 
 def test_divergence_ends_the_tracked_run_failed_with_the_reason(client: MlflowClient, tiny_config: Config,
-                                                               tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    real_build_loss = seg.engine.build_loss
-
-    class NanLoss(torch.nn.Module):
-        def __init__(self, loss: torch.nn.Module) -> None:
-            super().__init__()
-            self.loss = loss
-
-        def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            return self.loss(logits, target) * math.nan
-
-    def nan_loss(cfg, class_weights=None):
-        return NanLoss(real_build_loss(cfg, class_weights))
-
-    monkeypatch.setattr(seg.engine, "build_loss", nan_loss)
+                                                               tmp_path: Path, nan_loss: None) -> None:
     run_id = tracking.start_run(tracking.get_or_create_experiment("diverge"))
     with pytest.raises(DivergenceError, match="optim.lr"):
         tracking.tracked_fit(tiny_config, tmp_path / "out", run_id)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import math
 import os
 import signal
 import subprocess
@@ -14,22 +12,22 @@ from types import ModuleType
 
 import mlflow
 import pytest
-import torch
-import yaml
 from mlflow.tracking import MlflowClient
 
 import seg.engine
+from helpers import REPO, SCRIPTS, artifact_paths, load_script, shared_tmp_path, write_config
 from seg.config import Config
 from seg.data.labels import CLASS_NAMES
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "scripts" / "train.py"
+SCRIPT = SCRIPTS / "train.py"
 
 
 @pytest.fixture(scope="module")
-def store_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One tracking store for the module (creating its tables takes seconds); tests use their own experiments."""
-    return f"sqlite:///{tmp_path_factory.mktemp('tracking') / 'mlflow.db'}"
+def store_uri(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[str]:
+    """One tracking store for the module (creating its tables takes seconds); tests use their own experiments.
+    It holds the runs' checkpoints (about 180 MB): deleted with the module's last test."""
+    with shared_tmp_path(request, tmp_path_factory, "tracking") as directory:
+        yield f"sqlite:///{directory / 'mlflow.db'}"
 
 
 def train(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 240) \
@@ -38,18 +36,6 @@ def train(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout
     environment.update(env or {})
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=environment)
-
-
-def write_config(cfg: Config, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(cfg.to_dict()))
-    return path
-
-
-def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
-    found = set()
-    for info in client.list_artifacts(run_id, path):
-        found |= artifact_paths(client, run_id, info.path) if info.is_dir else {info.path}
-    return found
 
 
 def test_train_logs_a_finished_run_with_params_metrics_and_artifacts(tiny_config: Config, tmp_path: Path,
@@ -109,9 +95,7 @@ def test_missing_config_is_a_one_line_error(tmp_path: Path) -> None:
 def train_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
     """scripts/train.py imported, for calling ``main()`` in this process (fast: no new interpreter)."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'unused.db'}")
-    spec = importlib.util.spec_from_file_location("train_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("train")
     handler = signal.getsignal(signal.SIGTERM)
     yield module
     signal.signal(signal.SIGTERM, handler)  # main() installs its own
@@ -125,19 +109,8 @@ def only_run(uri: str, experiment: str):
 
 
 def test_divergence_exits_2_with_one_line_and_a_failed_run(train_module: ModuleType, tiny_config: Config,
-                                                           tmp_path: Path, store_uri: str, monkeypatch: pytest.MonkeyPatch,
+                                                           tmp_path: Path, store_uri: str, nan_loss: None,
                                                            capsys: pytest.CaptureFixture) -> None:
-    real_build_loss = seg.engine.build_loss
-
-    class NanLoss(torch.nn.Module):
-        def __init__(self, loss: torch.nn.Module) -> None:
-            super().__init__()
-            self.loss = loss
-
-        def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            return self.loss(logits, target) * math.nan
-
-    monkeypatch.setattr(seg.engine, "build_loss", lambda cfg, weights=None: NanLoss(real_build_loss(cfg, weights)))
     uri = store_uri
     code = train_module.main([str(write_config(tiny_config, tmp_path / "tiny.yaml")), "--out-dir",
                               str(tmp_path / "out"), "--tracking-uri", uri, "--experiment", "nan"])
