@@ -21,6 +21,7 @@ many are generated.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -135,10 +136,12 @@ def ensure_synthetic_cityscapes(out: str | Path, train: int, val: int, height: i
     os.chmod(staging, 0o755)  # mkdtemp makes it private; the data set is not
     try:
         write_synthetic_cityscapes(staging, train=train, val=val, height=height, width=width, seed=seed, test=test)
-        if out.exists() and any(out.iterdir()):
-            # Replacing (force): move the old set aside first, as rename cannot replace a full directory.
+        if force and out.exists():
+            # Replacing: move the old set aside first, as rename cannot replace a full directory.
+            # Only with force: without it, a set that appeared meanwhile is a concurrent caller's.
             retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, retired / out.name)
+            with contextlib.suppress(FileNotFoundError):  # another caller moved it first
+                os.replace(out, retired / out.name)
             shutil.rmtree(retired)
         try:
             os.rename(staging, out)
