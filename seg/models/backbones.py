@@ -69,6 +69,24 @@ class Backbone(nn.Module):
                              strict=False)
 
 
+class _TappedBackbone(Backbone):
+    """A `features` sequence tapped at two indices (`_taps`: index -> stride 8, 16),
+    then a `classifier` (the convolutionalized fully connected layers) at stride 32."""
+
+    features: nn.Sequential
+    classifier: nn.Sequential
+    _taps: dict[int, int]
+
+    def forward(self, x: Tensor) -> dict[int, Tensor]:
+        out: dict[int, Tensor] = {}
+        for index, layer in enumerate(self.features):
+            x = layer(x)
+            if index in self._taps:
+                out[self._taps[index]] = x
+        out[32] = self.classifier(x)
+        return out
+
+
 # ---------------------------------------------------------------------------- VGG16
 
 # torchvision's VGG16 "D" layout; the indices of `features` match torchvision's so
@@ -76,7 +94,7 @@ class Backbone(nn.Module):
 _VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 
-class VGG16Backbone(Backbone):
+class VGG16Backbone(_TappedBackbone):
     """VGG16 as in the Caffe FCN: conv1_1 padded by 100, ceil-mode pooling, fc6 as a
     7x7 convolution (4096), fc7 as a 1x1 convolution (4096), each with ReLU and dropout.
 
@@ -123,15 +141,6 @@ class VGG16Backbone(Backbone):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: Tensor) -> dict[int, Tensor]:
-        out: dict[int, Tensor] = {}
-        for index, layer in enumerate(self.features):
-            x = layer(x)
-            if index in self._taps:
-                out[self._taps[index]] = x
-        out[32] = self.classifier(x)
-        return out
-
 
 # --------------------------------------------------------------------------- ResNet
 
@@ -163,7 +172,7 @@ class ResNetBackbone(Backbone):
 
 # ---------------------------------------------------------------------- MobileNetV3
 
-class MobileNetV3Backbone(Backbone):
+class MobileNetV3Backbone(_TappedBackbone):
     """torchvision MobileNetV3-Large; its hidden fully connected layer (960 -> 1280,
     Hardswish, dropout 0.2) becomes a 1x1 convolution, as FCN does with VGG's fc6/fc7.
 
@@ -190,15 +199,6 @@ class MobileNetV3Backbone(Backbone):
         self.channels = {8: self.features[6].out_channels, 16: self.features[12].out_channels,
                          32: hidden.out_features}
         self._taps = {6: 8, 12: 16}
-
-    def forward(self, x: Tensor) -> dict[int, Tensor]:
-        out: dict[int, Tensor] = {}
-        for index, layer in enumerate(self.features):
-            x = layer(x)
-            if index in self._taps:
-                out[self._taps[index]] = x
-        out[32] = self.classifier(x)
-        return out
 
 
 # ------------------------------------------------------------------ weights and registry
