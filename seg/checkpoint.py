@@ -24,7 +24,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from torch import nn
 
 from seg.config import Config, config_from_dict
 from seg.errors import CheckpointError, ConfigError
+from seg.paths import atomic_write, fsync_directory
 
 __all__ = ["CHECKPOINT_VERSION", "REQUIRED_KEYS", "save_checkpoint", "load_checkpoint", "copy_checkpoint",
            "remove_stale_temporaries", "load_model_state", "model_from_checkpoint", "capture_rng_state", "restore_rng_state"]
@@ -49,20 +49,8 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     file at ``path`` is left untouched. Returns the path.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"version": CHECKPOINT_VERSION, **state}
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_directory(path.parent)
+    with atomic_write(path, durable=True) as file:
+        torch.save({"version": CHECKPOINT_VERSION, **state}, file)
     return path
 
 
@@ -101,7 +89,7 @@ def copy_checkpoint(source: str | Path, target: str | Path) -> Path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_directory(target.parent)
+    fsync_directory(target.parent)
     return target
 
 
@@ -199,14 +187,3 @@ def restore_rng_state(state: dict[str, Any], generator: torch.Generator | None =
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     if generator is not None and "generator" in state:
         generator.set_state(state["generator"].cpu())
-
-
-def _fsync_directory(directory: Path) -> None:
-    # makes the rename itself durable; directories cannot be opened on Windows
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

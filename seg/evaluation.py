@@ -28,6 +28,7 @@ from torch import nn
 from seg.config import IGNORE_INDEX, NUM_CLASSES
 from seg.data.labels import CLASS_NAMES, TRAIN_ID_LUT, VALID_LABEL_ID_MASK, colorize, train_ids_to_label_ids
 from seg.errors import DataError
+from seg.paths import atomic_write
 from seg.metrics import confusion_matrix, segmentation_metrics
 
 __all__ = [
@@ -184,10 +185,8 @@ def _read_png(path: Path, what: str) -> np.ndarray:
 def write_metrics_json(metrics: dict[str, Any], path: str | Path) -> Path:
     """Write metrics as JSON (NaN -> null), atomically; returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(_json_safe(metrics), indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path) as file:
+        file.write((json.dumps(_json_safe(metrics), indent=2) + "\n").encode())
     return path
 
 

@@ -27,11 +27,9 @@ naming the file. What is checked, and when:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import random
-import tempfile
 import re
 import zlib
 from dataclasses import dataclass
@@ -49,6 +47,7 @@ from seg.data.labels import CHECKED_TRAIN_ID_LUT, UNDEFINED_LABEL_ID, VALID_LABE
 from seg.data.synthetic import DEFAULT_SYNTHETIC, default_synthetic_root, ensure_synthetic_cityscapes
 from seg.data.transforms import eval_transform, normalize, train_transform
 from seg.errors import ConfigError, DataError
+from seg.paths import atomic_write
 
 # Decoding every label file up front costs ~10 ms each at full Cityscapes resolution:
 # fine for val (500), too slow to repeat for every trial on train (2975).
@@ -242,15 +241,11 @@ def _save_atomically(path: Path, array: np.ndarray, source: Path) -> None:
     or a whole one."""
     try:
         source_time = source.stat().st_mtime_ns
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp",
-                                         delete=False) as handle:
-            np.save(handle, np.ascontiguousarray(array))
-        os.utime(handle.name, ns=(source_time, source_time))
-        os.replace(handle.name, path)
+        with atomic_write(path) as file:
+            np.save(file, np.ascontiguousarray(array))
+            file.flush()  # before stamping: a later flush would set the time again
+            os.utime(file.fileno(), ns=(source_time, source_time))
     except OSError as error:
-        with contextlib.suppress(OSError, NameError):
-            os.unlink(handle.name)
         raise DataError(f"cannot write the decoded copy {path} ({error}): free disk space, set data.cache_dir "
                         f"to a writable directory with room, or set data.cache to false or memory") from None
 
