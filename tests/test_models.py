@@ -357,6 +357,28 @@ def test_channels_last_gives_the_same_output(cached_model) -> None:
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["fcn32s", "fcn16s"])
+def test_cpu_bf16_autocast_upsamples_the_final_scores_in_fp32(cached_model, arch: str) -> None:
+    # oneDNN's bf16 transposed convolution with the x32/x16 kernels is many times slower
+    # than fp32; the model keeps that one layer in fp32 under CPU autocast
+    model = random_scores(cached_model(arch, "resnet18"))
+    x = torch.randn(2, 3, 64, 96)
+    seen: list[torch.dtype] = []
+    hook = model.final_upsample.register_forward_hook(lambda _, args, out: seen.extend([args[0].dtype, out.dtype]))
+    try:
+        with torch.no_grad():
+            expected = model(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+    finally:
+        hook.remove()
+    assert seen == [torch.float32] * 4  # input and output of the layer, without and with autocast
+    assert out.dtype == torch.float32 and out.shape == expected.shape
+    # the backbone ran in bf16: close to fp32, not equal
+    assert not torch.equal(out, expected)
+    torch.testing.assert_close(out, expected, rtol=0.05, atol=0.05 * expected.abs().amax().item())
+
+
 # --------------------------------------------------------------------- pretrained weights
 
 IMAGENET_FILES = {  # torchvision's cache file names (from the weights enums' urls)

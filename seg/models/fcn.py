@@ -120,6 +120,16 @@ class FCN(nn.Module):
         # it are interpolated against it instead of fading to zero (Backbone docstring).
         return F.pad(score, (0, 1, 0, 1), mode="replicate") if self.replicate_border else score
 
+    def _final_upsample(self, score: Tensor) -> Tensor:
+        if score.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # oneDNN's bf16 transposed convolution is 25x slower than fp32 with FCN-32s's
+            # 64x64 kernel and 5x with FCN-16s's 32x32 (measured fwd+bwd, 2 threads, AMX);
+            # this single layer made a bf16 FCN-32s step 9x slower than fp32. In fp32 it costs
+            # what it does without autocast, and the logits are fp32 as the loss wants them.
+            with torch.autocast("cpu", enabled=False):
+                return self.final_upsample(score.float())
+        return self.final_upsample(score)
+
     def forward(self, x: Tensor) -> Tensor:
         features = self.backbone(x)
         score = self.score["32"](features[32])
@@ -130,7 +140,7 @@ class FCN(nn.Module):
             w = min(up.shape[3] - crop_up, skip.shape[3] - crop_skip)
             score = (up[:, :, crop_up:crop_up + h, crop_up:crop_up + w]
                      + skip[:, :, crop_skip:crop_skip + h, crop_skip:crop_skip + w])
-        out = self.final_upsample(self._extend(score))
+        out = self._final_upsample(self._extend(score))
         c = self.final_crop
         # A dense copy (in the memory format the model runs in) rather than a view that
         # would keep the whole uncropped map alive.
