@@ -324,7 +324,8 @@ def run_search_part(*, cores: int, budget: int = 48, max_epochs: int = 4, seeds:
         f"Random: Optuna RandomSampler, every trial runs {max_epochs} epochs. TPE+ASHA: TPESampler(multivariate, "
         f"{startup_trials} startup trials) with SuccessiveHalvingPruner(min_resource=1, reduction_factor="
         f"{reduction_factor}) (rungs at 1, {reduction_factor}, ... epochs). Both stop when the budget of {budget} "
-        f"trial-epochs is spent (the last trial may be cut short); a diverged trial's epoch counts as spent. "
+        f"trial-epochs is spent (the last trial may be cut short); a diverged trial's epoch counts as spent, and "
+        f"TPE is told it was pruned (ranked below every completed trial), as the search tells it. "
         f"Run in-process with Optuna around seg.engine.fit, not through Ray Tune (see the module docstring).")
     section.data["searches"] = {f"{m}-{s}": r for (m, s), r in results.items()}
     section.seconds = time.perf_counter() - started
@@ -417,7 +418,9 @@ def search_once(method: str, seed: int, base: Config, budget: int, max_epochs: i
             state = "diverged"
             spent += 1  # the epoch it diverged in was trained
             curve.append((spent, best))
-            study.tell(trial, state=TrialState.FAIL)
+            # as the search does (seg.tuning.search.SegOptunaSearch): pruned, which TPE ranks
+            # below every completed trial; FAIL would be ignored and the region sampled again
+            study.tell(trial, state=TrialState.PRUNED)
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
         trials.append({"number": trial.number, "params": trial.params, "values": values, "state": state})

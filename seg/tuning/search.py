@@ -181,9 +181,14 @@ class SegOptunaSearch(OptunaSearch):
     RUNNING in the study for good (and the constant liar keeps avoiding its region as if
     it were still running); an errored trial that had reported counts as COMPLETE. Here
     a trial that finished all epochs is COMPLETE with its best value, one stopped by the
-    scheduler is PRUNED (TPE ranks it by its last intermediate value), and a failed or
-    never-started one is FAIL. Intermediate values are reported per epoch, NaN skipped.
-    ``initial`` points are enqueued (keys left out are sampled).
+    scheduler is PRUNED (TPE ranks it by its last intermediate value), and so is one that
+    failed because of its parameters (diverged, impossible config: the trial reported
+    ``failed``): TPE ranks pruned trials below every completed one, so it learns to avoid
+    that region. As FAIL, TPE would ignore it and keep sampling there: on the benchmark's
+    synthetic search up to 23 of 34 TPE trials diverged that way. A crash (an error, which
+    says nothing about the parameters) or a never-started trial is FAIL. Intermediate
+    values are reported per epoch, NaN skipped. ``initial`` points are enqueued (keys left
+    out are sampled).
     """
 
     def __init__(self, *args: Any, initial: tuple[Mapping[str, Any], ...] = (), max_epochs: int,
@@ -220,7 +225,7 @@ class SegOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials[trial_id]
         if state == "completed" and trial_id in self._best:
             self._ot_study.tell(ot_trial, self._best[trial_id], state=TrialState.COMPLETE)
-        elif state == "early_stopped":
+        elif state == "early_stopped" or (state == "failed" and not error and (result or {}).get("failed")):
             self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
         else:
             self._ot_study.tell(ot_trial, state=TrialState.FAIL)
