@@ -184,11 +184,11 @@ class SegOptunaSearch(OptunaSearch):
     scheduler is PRUNED (TPE ranks it by its last intermediate value), and so is one that
     failed because of its parameters (diverged, impossible config: the trial reported
     ``failed``): TPE ranks pruned trials below every completed one, so it learns to avoid
-    that region. As FAIL, TPE would ignore it and keep sampling there: on the benchmark's
-    synthetic search up to 23 of 34 TPE trials diverged that way. A crash (an error, which
-    says nothing about the parameters) or a never-started trial is FAIL. Intermediate
-    values are reported per epoch, NaN skipped. ``initial`` points are enqueued (keys left
-    out are sampled).
+    that region. As FAIL, TPE would ignore it and keep sampling there: in the benchmark's
+    synthetic searches (8 seeds) 83 of 223 TPE trials diverged that way, 18 of 181 after.
+    A crash (an error, which says nothing about the parameters) or a never-started trial
+    is FAIL. Intermediate values are reported per epoch, NaN skipped. ``initial`` points
+    are enqueued (keys left out are sampled).
     """
 
     def __init__(self, *args: Any, initial: tuple[Mapping[str, Any], ...] = (), max_epochs: int,
