@@ -71,8 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     step.add_argument("--models", type=models, help="ARCH/BACKBONE,... (default fcn8s/vgg16,fcn32s/resnet18,"
                                                      "fcn8s/resnet50)")
     step.add_argument("--steps", type=int, help="timed training steps per model (default 3; --quick 1)")
-    step.add_argument("--variants", type=csv, help="fp32, fp32-cl, tf32, bf16, bf16-cl, ... (default CPU: fp32; "
-                                                    "CUDA: fp32,tf32,bf16-cl)")
+    step.add_argument("--variants", type=csv, help="fp32, fp32-cl, tf32, bf16, bf16-cl, ... (default CPU: fp32, "
+                                                    "+bf16-cl with bf16 units; CUDA: fp32,tf32,bf16-cl)")
     loader = parser.add_argument_group("loader")
     loader.add_argument("--workers", type=ints, help="loader worker counts to measure (default 0,1,2; --quick 0,1)")
     loader.add_argument("--full-size-images", type=int, help="full-size 2048x1024 train images to write "

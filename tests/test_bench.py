@@ -47,13 +47,15 @@ def check_figures(text: str, data: dict, sections: set[str]) -> None:
 def test_bench_core_parts_write_every_figure(tmp_path: Path) -> None:
     text, path, data = run_bench(
         tmp_path, "--parts", "step,loader,parallel", "--crop", "32x64", "--batch", "2", "--threads", "1",
-        "--models", "fcn32s/resnet18", "--steps", "1", "--workers", "0", "--full-size-images", "0",
-        "--loader-batches", "2")
+        "--models", "fcn32s/resnet18", "--steps", "1", "--variants", "fp32,bf16-cl", "--workers", "0",
+        "--full-size-images", "0", "--loader-batches", "2")
     assert path.name.startswith("cpu-") and path.name.endswith(".md")
     check_figures(text, data, {"step", "loader", "parallel"})
     names = [f["name"] for s in data["sections"] for f in s["figures"]]
     assert any("matmul peak" in n for n in names) and any("engine" in n for n in names)
     assert any("waiting for data" in n for n in names) and any("concurrent" in n for n in names)
+    assert "FCN-32s/ResNet-18: fp32 step time / bf16-cl step time (speed-up)" in names
+    assert "bf16 units" in data["machine"]
     step = next(s for s in data["sections"] if s["key"] == "step")
     assert step["data"]["probes"][0]["flops"] > 0
     assert "## Summary" in text and "## 1. Training step efficiency" in text
@@ -65,6 +67,18 @@ def test_bench_harness_and_search_parts(tmp_path: Path) -> None:
     check_figures(text, data, {"harness", "search"})
     harness = next(s for s in data["sections"] if s["key"] == "harness")
     assert harness["data"]["search_wall"] > 0 and len(harness["data"]["direct"]) == 2
+
+
+def test_cpu_default_variants_add_bf16_only_with_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from seg.bench import step
+
+    monkeypatch.setattr(step, "cpu_bf16_units", lambda: None)
+    assert step.default_variants(torch.device("cpu")) == ("fp32",)
+    monkeypatch.setattr(step, "cpu_bf16_units", lambda: "AMX")
+    assert step.default_variants(torch.device("cpu")) == ("fp32", "bf16-cl")
+    assert "bf16-cl" in step.default_variants(torch.device("cuda"))
 
 
 def test_figure_ratio_goal_and_display() -> None:

@@ -61,6 +61,17 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def cpu_bf16_units() -> str | None:
+    """The CPU's bf16 hardware that oneDNN uses (``"AMX"``, ``"AVX-512 BF16"``), or None:
+    bf16 is then emulated in fp32 and slower than fp32 itself."""
+    checks = (("AMX", "_is_amx_tile_supported"), ("AVX-512 BF16", "_is_avx512_bf16_supported"))
+    for name, check in checks:
+        with contextlib.suppress(Exception):  # private torch.cpu helpers: absent means unknown
+            if getattr(torch.cpu, check)():
+                return name
+    return None
+
+
 def describe_machine(device: torch.device, threads: int) -> dict[str, Any]:
     """CPU/GPU model, cores and threads, memory, library versions, load (no Ray/MLflow import)."""
     cpu = cpu_model()
@@ -95,6 +106,8 @@ def describe_machine(device: torch.device, threads: int) -> dict[str, Any]:
         "mlflow": _version("mlflow"),
         "numpy": _version("numpy"),
         "mkldnn (oneDNN)": torch.backends.mkldnn.is_available(),
+        "cpu capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16 units": cpu_bf16_units() or "none (bf16 emulated)",
         "load average before": load_average(),
     })
     short = slug(name.replace("(R)", "").replace("(TM)", ""))

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from seg.bench.machine import matmul_peak
+from seg.bench.machine import cpu_bf16_units, matmul_peak
 from seg.bench.report import Figure, Section, Table
 from seg.config import IGNORE_INDEX, NUM_CLASSES, Config
 from seg.probe import format_bytes, probe, train_step
@@ -39,10 +39,13 @@ VARIANTS = {"fp32": ("fp32", False), "fp32-cl": ("fp32", True), "tf32": ("tf32",
 
 
 def default_variants(device: torch.device) -> tuple[str, ...]:
-    """CPU: fp32, what training uses by default (bf16, ``train.cpu_amp``, is opt-in with
-    ``--variants fp32,bf16-cl``: on CPUs without bf16 units it is several times slower).
+    """CPU: fp32, what training uses by default, and bf16 with channels_last
+    (``train.cpu_amp``) where the CPU has bf16 units; without them bf16 is emulated and
+    several times slower (opt in with ``--variants fp32,bf16-cl``).
     CUDA: fp32, TF32 and bf16 AMP with channels_last."""
-    return ("fp32",) if device.type == "cpu" else ("fp32", "tf32", "bf16-cl")
+    if device.type == "cuda":
+        return ("fp32", "tf32", "bf16-cl")
+    return ("fp32", "bf16-cl") if cpu_bf16_units() else ("fp32",)
 
 
 def model_name(arch: str, backbone: str) -> str:
@@ -114,6 +117,13 @@ def run_step_part(device: torch.device, threads: int, *, models=DEFAULT_MODELS, 
                      round(result.best_step_seconds, 3), round(result.step_seconds, 3),
                      round(result.first_step_seconds, 2), round(achieved, 1), f"{100 * achieved / peak:.1f}%",
                      format_bytes(result.peak_bytes), round(batch / result.step_seconds, 2)])
+    # what each faster variant buys over fp32, model by model (step times of one run)
+    fp32_steps = {name: result for name, variant, _, result, _ in measured if variant == "fp32" and result.fits}
+    for name, variant, _, result, _ in measured:
+        if variant != "fp32" and result.fits and name in fp32_steps:
+            section.figures.append(Figure(
+                f"{name}: fp32 step time / {variant} step time (speed-up)", fp32_steps[name].step_seconds, "s",
+                result.step_seconds, f"{variant} median step", percent=False))
     section.tables.append(Table(
         f"Training steps: batch {batch}, crop {crop[0]}x{crop[1]}, {threads} threads, {device}; {timed_steps} timed "
         f"step(s) after 1 warm-up; GFLOP/s from the fastest step",
