@@ -75,6 +75,36 @@ def test_find_run_by_tag_and_parent_child_runs(client: MlflowClient) -> None:
     assert found.info.run_name == "trial-1" and found.info.status == "RUNNING"
 
 
+def test_checkpoints_in_a_local_artifact_store_are_linked_not_copied(client: MlflowClient, tmp_path: Path) -> None:
+    experiment = tracking.get_or_create_experiment("checkpoint links")
+    run_id = tracking.start_run(experiment, "trial")
+    (tmp_path / "best.pt").write_bytes(b"weights" * 1000)
+    assert tracking.log_checkpoints(run_id, tmp_path, client=client) == ["best.pt"]  # no last.pt here
+    assert [a.path for a in client.list_artifacts(run_id, "checkpoints")] == ["checkpoints/best.pt"]
+    logged = Path(client.download_artifacts(run_id, "checkpoints/best.pt", str(tmp_path / "download")))
+    assert logged.read_bytes() == b"weights" * 1000
+    artifact = tracking._local_artifact_dir(client.get_run(run_id).info.artifact_uri) / "checkpoints" / "best.pt"
+    assert os.path.samefile(artifact, tmp_path / "best.pt")  # one file on disk, two names
+    # a new best.pt replaces the name (rename), so the logged checkpoint keeps its bytes
+    (tmp_path / "new.pt").write_bytes(b"better")
+    os.replace(tmp_path / "new.pt", tmp_path / "best.pt")
+    assert artifact.read_bytes() == b"weights" * 1000
+
+
+@pytest.mark.parametrize("uri, expected", [
+    ("file:///data/mlartifacts/1/abc/artifacts", "/data/mlartifacts/1/abc/artifacts"),
+    ("file://localhost/data/a%20b/artifacts", "/data/a b/artifacts"),
+    ("/data/mlruns/1/abc/artifacts", "/data/mlruns/1/abc/artifacts"),
+    ("file://otherhost/data/artifacts", None),
+    ("mlflow-artifacts:/1/abc/artifacts", None),
+    ("s3://bucket/1/abc/artifacts", None),
+    ("", None),
+])
+def test_only_local_artifact_uris_are_linked_into(uri: str, expected: str | None) -> None:
+    found = tracking._local_artifact_dir(uri)
+    assert (str(found) if found is not None else None) == expected
+
+
 def test_run_context_ends_runs_finished_failed_or_killed(client: MlflowClient) -> None:
     experiment = tracking.get_or_create_experiment("states")
 

@@ -253,15 +253,46 @@ def log_prediction_overlays(run_id: str, checkpoint: str | Path, dataset: Any = 
 
 def log_checkpoints(run_id: str, checkpoint_dir: str | Path, names: tuple[str, ...] = ("best.pt", "last.pt"),
                     client: MlflowClient | None = None) -> list[str]:
-    """Log the files ``names`` of ``checkpoint_dir`` that exist under ``checkpoints/``."""
+    """Log the files ``names`` of ``checkpoint_dir`` that exist under ``checkpoints/``.
+
+    When the run's artifacts live in a local directory (``file:`` URIs, MLflow's default
+    beside a SQLite store), the checkpoint is hard-linked there instead of copied
+    (``seg.checkpoint.copy_checkpoint``, a copy where links are impossible): a VGG16
+    checkpoint is ~1 GB, and every trial of a search logs one. Checkpoints are only ever
+    replaced by rename, never rewritten in place, so the two names cannot diverge.
+    """
+    from seg.checkpoint import copy_checkpoint
+
     client = get_client(client)
+    local = _local_artifact_dir(call(client.get_run, run_id).info.artifact_uri)
     logged = []
     for name in names:
         path = Path(checkpoint_dir) / name
         if path.is_file():
-            call(client.log_artifact, run_id, str(path), "checkpoints")
+            if local is not None:
+                (local / "checkpoints").mkdir(parents=True, exist_ok=True)
+                copy_checkpoint(path, local / "checkpoints" / name)
+            else:
+                call(client.log_artifact, run_id, str(path), "checkpoints")
             logged.append(name)
     return logged
+
+
+def _local_artifact_dir(artifact_uri: str | None) -> Path | None:
+    """The directory of a ``file:`` (or scheme-less) artifact URI; None for remote stores."""
+    if not artifact_uri:
+        return None
+    if artifact_uri.startswith("file:"):
+        location = unquote(artifact_uri[len("file:"):])
+        if location.startswith("//"):  # file://host/path: only the local host's
+            host, _, rest = location[2:].partition("/")
+            if host not in ("", "localhost"):
+                return None
+            location = "/" + rest
+        return Path(location)
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", artifact_uri):
+        return None  # s3://, mlflow-artifacts:/, dbfs:/ ... (one letter would be a Windows drive)
+    return Path(artifact_uri)
 
 
 class MlflowEpochLogger:
