@@ -234,6 +234,38 @@ def test_cluster_script_without_a_cluster(tmp_path: Path) -> None:
     assert env.returncode == 1 and "run `up` first" in env.stderr
 
 
+@pytest.mark.parametrize("address, failures, connects", [
+    ("ray://127.0.0.1:10001", 2, True),  # the client server's start failed twice: the third try connects
+    ("ray://127.0.0.1:10001", 3, False),  # every try failed: the last error is raised
+    ("auto", 1, False),  # not Ray Client: nothing to retry
+])
+def test_ray_client_server_start_failures_are_retried(monkeypatch: pytest.MonkeyPatch, address: str,
+                                                      failures: int, connects: bool) -> None:
+    import ray
+
+    from seg.tuning import search
+
+    calls, shutdowns = [], []
+
+    def init(**kwargs) -> None:
+        calls.append(kwargs["address"])
+        if len(calls) <= failures:
+            raise ConnectionAbortedError("Initialization failure from server:\nRuntimeError: Starting Ray client "
+                                         "server failed. See ray_client_server_23000.err for detailed logs.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(1))
+    monkeypatch.setattr(search.time, "sleep", lambda seconds: None)
+    if connects:
+        assert search.start_ray(address=address) is True
+        assert len(calls) == failures + 1 and len(shutdowns) == failures
+    else:
+        with pytest.raises(ConnectionAbortedError, match="Starting Ray client server failed"):
+            search.start_ray(address=address)
+        assert len(calls) == min(failures, search.CLIENT_CONNECT_ATTEMPTS)
+
+
 def test_decode_proc_net_addresses() -> None:
     assert decode_address("0100007F") == "127.0.0.1"
     assert decode_address("0000000000000000FFFF00000100007F") == "::ffff:127.0.0.1"

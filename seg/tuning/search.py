@@ -46,6 +46,7 @@ import pickle
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -334,6 +335,9 @@ def _error_reason(trial: Any) -> str:
 
 # --- Ray --------------------------------------------------------------------------------------
 
+CLIENT_CONNECT_ATTEMPTS = 3
+
+
 def start_ray(num_cpus: int | None = None, address: str | None = None,
               env_vars: Mapping[str, str] | None = None) -> bool:
     """Join ``address`` (``auto`` or ``ray://...``) or start a local, loopback-only Ray.
@@ -352,7 +356,20 @@ def start_ray(num_cpus: int | None = None, address: str | None = None,
     runtime_env = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
                                 **dict(env_vars or {})}}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+        for attempt in range(CLIENT_CONNECT_ATTEMPTS):
+            try:
+                ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+                break
+            except ConnectionAbortedError as error:
+                # Ray Client: the head starts a server process per connection, and that start
+                # fails now and then ("Starting Ray client server failed"); a new connection
+                # gets a new one. Other errors (wrong address, no cluster) are not retried.
+                if not address.startswith("ray://") or attempt == CLIENT_CONNECT_ATTEMPTS - 1:
+                    raise
+                print(f"Ray Client connection to {address} failed ({str(error).strip().splitlines()[-1]}); "
+                      f"retrying", file=sys.stderr)
+                ray.shutdown()
+                time.sleep(2.0)
     else:
         # On Linux Ray swaps 127.0.0.1 for the machine's outward address and its servers listen
         # on every interface; in its single-machine mode (the default on macOS and Windows)
