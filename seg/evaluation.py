@@ -28,8 +28,8 @@ from torch import nn
 from seg.config import IGNORE_INDEX, NUM_CLASSES
 from seg.data.labels import CLASS_NAMES, TRAIN_ID_LUT, VALID_LABEL_ID_MASK, colorize, train_ids_to_label_ids
 from seg.errors import DataError
-from seg.paths import atomic_write
 from seg.metrics import confusion_matrix, segmentation_metrics
+from seg.paths import atomic_write
 
 __all__ = [
     "find_ground_truth", "match_predictions", "evaluate_prediction_dir", "evaluate_pairs",

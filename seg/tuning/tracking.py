@@ -43,6 +43,8 @@ import yaml  # noqa: E402
 from mlflow.entities import Metric, Param, Run, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.utils.file_utils import local_file_uri_to_path  # noqa: E402
+from mlflow.utils.uri import is_local_uri  # noqa: E402
 
 import seg  # noqa: E402
 from seg.config import Config  # noqa: E402
@@ -279,20 +281,15 @@ def log_checkpoints(run_id: str, checkpoint_dir: str | Path, names: tuple[str, .
 
 
 def _local_artifact_dir(artifact_uri: str | None) -> Path | None:
-    """The directory of a ``file:`` (or scheme-less) artifact URI; None for remote stores."""
+    """The directory of a local artifact URI (``file:`` or a plain path), read as MLflow reads
+    it; None for remote stores (``s3://``, ``mlflow-artifacts:/``, ``file://otherhost/``...)."""
     if not artifact_uri:
         return None
-    if artifact_uri.startswith("file:"):
-        location = unquote(artifact_uri[len("file:"):])
-        if location.startswith("//"):  # file://host/path: only the local host's
-            host, _, rest = location[2:].partition("/")
-            if host not in ("", "localhost"):
-                return None
-            location = "/" + rest
-        return Path(location)
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", artifact_uri):
-        return None  # s3://, mlflow-artifacts:/, dbfs:/ ... (one letter would be a Windows drive)
-    return Path(artifact_uri)
+    try:
+        local = is_local_uri(artifact_uri, is_tracking_or_registry_uri=False)
+    except MlflowException:  # a file: URI naming another host
+        return None
+    return Path(local_file_uri_to_path(artifact_uri)) if local else None
 
 
 class MlflowEpochLogger:
