@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     step.add_argument("--models", type=models, help="ARCH/BACKBONE,... (default fcn8s/vgg16,fcn32s/resnet18,"
                                                      "fcn8s/resnet50)")
     step.add_argument("--steps", type=int, help="timed training steps per model (default 3; --quick 1)")
+    step.add_argument("--peak-sizes", type=ints, help="sizes n of the n x n matmuls the peak is measured on "
+                                                      "(default CPU 2048,3072; CUDA 4096,8192). Small sizes "
+                                                      "(e.g. 256) only check that the figures are written")
     step.add_argument("--variants", type=csv, help="fp32, fp32-cl, tf32, bf16, bf16-cl, ... (default CPU: fp32, "
                                                     "+bf16-cl with bf16 units; CUDA: fp32,tf32,bf16-cl)")
     loader = parser.add_argument_group("loader")
@@ -92,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown part(s) {', '.join(unknown)}; valid: {', '.join(PARTS)}")
     if args.batch < 1:
         parser.error("--batch must be >= 1")
+    if args.peak_sizes is not None and (not args.peak_sizes or min(args.peak_sizes) < 16):
+        parser.error(f"--peak-sizes must be sizes >= 16, got {args.peak_sizes}")
     return args
 
 
@@ -110,6 +115,7 @@ def settings_for(args: argparse.Namespace) -> dict:
                        (("fcn8s", "vgg16"), ("fcn32s", "resnet18"), ("fcn8s", "resnet50"))),
         "steps": pick(args.steps, 3, 1),
         "variants": args.variants,
+        "peak_sizes": args.peak_sizes,
         "workers": pick(args.workers, (0, 1, 2), (0, 1)),
         "full_size_images": pick(args.full_size_images, 4, 2),
         "loader_batches": pick(args.loader_batches, 16, 4),
@@ -184,7 +190,8 @@ def run_part(part: str, device, threads: int, concurrency: int, settings: dict, 
         from seg.bench.step import run_step_part
 
         return run_step_part(device, threads, models=settings["models"], crop=crop, batch=batch,
-                             timed_steps=settings["steps"], variants=settings["variants"], log=log)
+                             timed_steps=settings["steps"], variants=settings["variants"],
+                             peak_sizes=settings["peak_sizes"], log=log)
     if part == "loader":
         from seg.bench.loader import run_loader_part
 

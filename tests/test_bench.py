@@ -48,7 +48,9 @@ def test_bench_core_parts_write_every_figure(tmp_path: Path) -> None:
     text, path, data = run_bench(
         tmp_path, "--parts", "step,loader,parallel", "--crop", "32x64", "--batch", "2", "--threads", "1",
         "--models", "fcn32s/resnet18", "--steps", "1", "--variants", "fp32,bf16-cl", "--workers", "0",
-        "--full-size-images", "0", "--loader-batches", "2")
+        "--full-size-images", "0", "--loader-batches", "2",
+        # small matmuls: the bf16 peak must not depend on the CPU having bf16 units (emulated: minutes at 3072)
+        "--peak-sizes", "256")
     assert path.name.startswith("cpu-") and path.name.endswith(".md")
     check_figures(text, data, {"step", "loader", "parallel"})
     names = [f["name"] for s in data["sections"] for f in s["figures"]]
@@ -58,6 +60,8 @@ def test_bench_core_parts_write_every_figure(tmp_path: Path) -> None:
     assert "bf16 units" in data["machine"]
     step = next(s for s in data["sections"] if s["key"] == "step")
     assert step["data"]["probes"][0]["flops"] > 0
+    assert {p: sorted(peak["by_size"]) for p, peak in step["data"]["peaks"].items()} == \
+        {p: ["conv1x1 256", "mm 256"] for p in ("fp32", "bf16")}
     assert "## Summary" in text and "## 1. Training step efficiency" in text
 
 

@@ -62,7 +62,7 @@ def bench_config(arch: str, backbone: str, batch: int, crop: tuple[int, int], th
 
 def run_step_part(device: torch.device, threads: int, *, models=DEFAULT_MODELS, crop=(256, 512), batch: int = 2,
                   timed_steps: int = 3, variants: tuple[str, ...] | None = None,
-                  engine_steps: int = 6, log=print) -> Section:
+                  engine_steps: int = 6, peak_sizes: tuple[int, ...] | None = None, log=print) -> Section:
     started = time.perf_counter()
     variants = variants or default_variants(device)
     unknown = [v for v in variants if v not in VARIANTS]
@@ -70,7 +70,7 @@ def run_step_part(device: torch.device, threads: int, *, models=DEFAULT_MODELS, 
         raise ValueError(f"unknown step variants {unknown}; valid: {', '.join(VARIANTS)}")
     section = Section("step", "1. Training step efficiency")
     precisions = tuple(dict.fromkeys(VARIANTS[v][0] for v in variants))
-    peaks = {precision: matmul_peak(device, precision, threads) for precision in precisions}
+    peaks = {precision: matmul_peak(device, precision, threads, sizes=peak_sizes) for precision in precisions}
     for precision, peak in peaks.items():
         log(f"[step] matmul peak {precision}, {threads} threads: {peak['gflops']:.1f} GFLOP/s (n={peak['size']})")
 
@@ -93,7 +93,7 @@ def run_step_part(device: torch.device, threads: int, *, models=DEFAULT_MODELS, 
 
     # the peak again after the models: under a varying load, the better of the two is the peak
     for precision, peak in peaks.items():
-        after = matmul_peak(device, precision, threads)
+        after = matmul_peak(device, precision, threads, sizes=peak_sizes)
         peak["after_models"] = after["gflops"]
         if after["gflops"] > peak["gflops"]:
             peak.update(gflops=after["gflops"], size=after["size"])
