@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     scored = [t for t in search.ranked() if t.has_score]
-    best = f"best {scored[0].name}: val_miou {scored[0].score:.4f}" if scored else "no trial with a score"
+    best = f"best {scored[0].name}: {search.metric} {scored[0].score:.4f}" if scored else "no trial with a score"
     print(f"report of search '{search.name}' ({len(search.trials)} trials; {best}) in {path} "
           f"({time.perf_counter() - started:.1f} s)"
           + ("" if args.no_log else f"; logged to run {search.run_id} under report/"))

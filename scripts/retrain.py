@@ -11,7 +11,8 @@ is a child run of one retrain run in the search's experiment, tagged with its li
 (source search and trial run, search space file, git commit), with per-epoch metrics,
 the final checkpoint and prediction overlays. With --top-k K the K best trials are each
 retrained over --seeds and ranked by mean - t(0.95, S-1) * std / sqrt(S) (a lower
-confidence bound: a configuration must be good on every seed, not lucky on one); the
+confidence bound: a configuration must be good on every seed, not lucky on one; mean +
+for a search on a metric where lower is better, such as val_loss); the
 table goes to experiments/<search>/seed_robust.csv/.md and the search's parent run.
 The winner's best seed is registered in the MLflow model registry (--model-name,
 default fcn-<search>), loaded back and checked to predict what its checkpoint predicts.
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"done in {time.perf_counter() - started:.0f} s: retrain run {result.run_id}")
     if len(result.candidates) > 1 or len(winner.runs) > 1:
         print(result.table.drop(columns=["source_run_id", "best_seed_run_id"]).to_string(index=False))
-    print(f"winner {winner.trial.name}: final val_miou mean {mean:.4f}"
+    print(f"winner {winner.trial.name}: final {search.metric} mean {mean:.4f}"
           + (f" +- {std:.4f} over {len(winner.runs)} seeds, score {winner.score:.4f}" if len(winner.runs) > 1 else ""))
     if result.model_uri:
         print(f"registered model: {result.model_uri}")

@@ -50,10 +50,13 @@ def fake_search():
     return log_fake_search
 
 
-def log_fake_search(tracking_uri: str, name: str, scores: list[list[float] | None], sampled: dict | None = None) -> str:
+def log_fake_search(tracking_uri: str, name: str, scores: list[list[float] | None], sampled: dict | None = None,
+                    val_losses: list[list[float] | None] | None = None, budget: dict | None = None) -> str:
     """A search-shaped set of MLflow runs without any training, for fast tests: one trial
     per entry of ``scores`` (its val_miou per epoch; None: a failed trial), the tags of
-    ``seg.tuning.runs``. Returns the parent run id."""
+    ``seg.tuning.runs``. ``val_losses``: each trial's val_loss per epoch too; ``budget``:
+    logged as the parent run's ``budget.<key>`` params, as ``seg.tuning.search`` logs them
+    (none: a store from before the objective was recorded). Returns the parent run id."""
     from seg.config import Config
     from seg.tuning import runs, tracking
 
@@ -62,6 +65,8 @@ def log_fake_search(tracking_uri: str, name: str, scores: list[list[float] | Non
     experiment_id = tracking.get_or_create_experiment(name, client)
     parent = tracking.start_run(experiment_id, name, {runs.TAG_ROLE: "search", runs.TAG_SEARCH_DIR: f"/x/{name}"},
                                 client=client)
+    for key, value in (budget or {}).items():
+        tracking.call(client.log_param, parent, f"budget.{key}", value)
     sampled = sampled or {"optim.lr": [0.001, 0.01, 0.1, 0.05, 0.003, 0.02]}
     for index, history in enumerate(scores):
         run_id = tracking.start_run(experiment_id, f"trial_{index}", parent_run_id=parent, client=client,
@@ -71,6 +76,8 @@ def log_fake_search(tracking_uri: str, name: str, scores: list[list[float] | Non
         tracking.log_config(run_id, Config().with_overrides(values), client)
         for epoch, value in enumerate(history or [], 1):
             tracking.log_metrics(run_id, {"val_miou": value, "train_loss": 1.0 / epoch}, epoch, client)
+        for epoch, value in enumerate(val_losses[index] or [] if val_losses else [], 1):
+            tracking.log_metrics(run_id, {"val_loss": value}, epoch, client)
         state = {runs.TAG_STATE: "completed" if history else "failed"}
         if history is None:
             state[tracking.TAG_FAILURE_REASON] = "DivergenceError: training diverged"

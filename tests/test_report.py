@@ -63,6 +63,9 @@ def fake_store(fake_search, tmp_path_factory) -> str:
     fake_search(uri, "five", [[0.1, 0.2], [0.3, 0.35], [0.05, 0.1], [0.4, 0.38], None],
                 sampled={"optim.lr": [0.001, 0.01, 0.1, 0.05, 0.003], "model.arch": ["fcn8s", "fcn32s"]})
     fake_search(uri, "small", [[0.2], None, [0.3]])
+    # on val_loss (lower is better): by val_miou the best would be trial_0, by val_loss it is trial_1
+    fake_search(uri, "by_loss", [[0.1, 0.5], [0.3, 0.2], [0.2, 0.25], None],
+                val_losses=[[0.9, 0.8], [0.7, 0.4], [0.6, 0.5], None], budget={"metric": "val_loss", "mode": "min"})
     fake_search(uri, "broken", [None, None])  # the newest
     return uri
 
@@ -108,6 +111,32 @@ def test_no_scored_trial_still_writes_a_report(fake_store, tmp_path):
     text = write_report(search, tmp_path / "out", client, log_to_parent=False).read_text()
     assert "No trial finished with a val_miou" in text
     assert len(pd.read_csv(tmp_path / "out" / "trials.csv")) == 2
+
+
+def test_a_search_on_val_loss_is_ranked_by_val_loss_in_the_report_and_for_retraining(fake_store, tmp_path):
+    # seg.tuning.search ranks by budget.metric and budget.mode: so must everything read back from MLflow
+    from seg.tuning.report import connect, load_search, write_report
+    from seg.tuning.retrain import select_sources
+
+    client = connect(fake_store)
+    search = load_search(client, "by_loss")
+    assert [t.name for t in search.ranked()] == ["trial_1", "trial_2", "trial_0", "trial_3"]
+    best = search.ranked()[0]
+    assert best.score == pytest.approx(0.4) and best.best_epoch == 2
+
+    path = write_report(search, tmp_path / "out", client, log_to_parent=False)
+    table = pd.read_csv(tmp_path / "out" / "trials.csv")
+    assert list(table["trial"]) == ["trial_1", "trial_2", "trial_0", "trial_3"]
+    assert list(table["val_loss"][:3]) == pytest.approx([0.4, 0.5, 0.8])
+    text = path.read_text()
+    assert f"**trial_1** (run `{best.run_id}`): val_loss **0.4000** at epoch 2" in text
+    assert "lower is better" in text
+
+    _, (source,) = select_sources(client, "by_loss")
+    assert source.run_id == best.run_id
+    _, top = select_sources(client, "by_loss", top_k=2)
+    assert [t.name for t in top] == ["trial_1", "trial_2"]
+    assert (search.metric, search.mode) == ("val_loss", "min")
 
 
 def test_param_value_reads_back_every_config_field():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -104,6 +105,23 @@ def test_lower_confidence_bound():
     assert margin == pytest.approx(2.919986 * 0.1 / math.sqrt(3), rel=1e-5)  # t(0.95, 2) = 2.919986
     mean, std, margin = lower_confidence_bound([0.4])
     assert mean == 0.4 and math.isnan(std) and math.isnan(margin)
+
+
+def test_seed_robust_score_of_a_metric_where_lower_is_better():
+    # a search on val_loss: the bound on the bad side is the upper one, and the best seed has the lowest loss
+    from seg.tuning.report import Trial
+    from seg.tuning.retrain import Candidate, SeedRun, lower_confidence_bound
+
+    trial = Trial(run_id="r", name="trial_0", trial_id="t0", state="completed", reason="", params={}, metrics={},
+                  history={1: 0.5}, start_time=0, mode="min")
+    runs = tuple(SeedRun(trial=trial, seed=seed, run_id=f"s{seed}", final={"val_loss": loss, "val_miou": 0.1},
+                         checkpoint=Path("last.pt"), metric="val_loss")
+                 for seed, loss in ((0, 0.5), (1, 0.3), (2, 0.4)))
+    candidate = Candidate(trial, runs, mode="min")
+    mean, _, margin = lower_confidence_bound([0.5, 0.3, 0.4])
+    assert candidate.values == [0.5, 0.3, 0.4]
+    assert candidate.score == pytest.approx(mean + margin)
+    assert candidate.best_run().seed == 1
 
 
 def test_train_val_root_holds_both_splits(synthetic_root, tmp_path):

@@ -4,17 +4,18 @@ Everything is read back from MLflow (the search's parent run and its child runs,
 ``seg.tuning.runs``), so a report can be written at any time, for any search in the
 store, on any machine that sees the store:
 
-- ``trials.csv`` / ``trials.md``: every trial, ranked by its best ``val_miou`` over the
-  epochs it ran (the search's objective); failed and unfinished trials last, with their
-  state and reason;
-- ``val_miou_over_trials.png``: each trial's score in launch order and the running best;
+- ``trials.csv`` / ``trials.md``: every trial, ranked by the best value of the search's
+  objective over the epochs it ran (its ``budget.metric`` and ``budget.mode``, as the
+  search ranked them: ``val_miou``, higher is better, unless it said otherwise); failed
+  and unfinished trials last, with their state and reason;
+- ``<metric>_over_trials.png``: each trial's score in launch order and the running best;
 - ``param_importance.png``: fANOVA importance (``optuna.importance`` with
   ``FanovaImportanceEvaluator(seed=0)``, deterministic) computed on an in-memory Optuna
   study rebuilt from the runs' params and scores. Only trials with a score (completed
   or early stopped) take part; with fewer than ``MIN_TRIALS_FOR_IMPORTANCE`` of them,
   or when they all score the same, the report says so instead;
 - ``parallel_coordinates.png``: the sampled hyperparameters against the score;
-- ``learning_curves.png``: val mIoU per epoch of the ``TOP_CURVES`` best trials;
+- ``learning_curves.png``: the metric per epoch of the ``TOP_CURVES`` best trials;
 - ``per_class_iou.png``: per-class IoU of the best trial at its best epoch;
 - ``report.md`` tying them together (and ``seed_robust.md`` when ``scripts/retrain.py
   --top-k`` wrote one into the same directory).
@@ -49,14 +50,16 @@ from seg.data.labels import CLASS_NAMES
 from seg.errors import ConfigError, SegError, TrackingError
 from seg.tuning import tracking
 from seg.tuning.runs import TAG_ROLE, TAG_STATE, TAG_TRIAL_ID, trial_runs
-from seg.tuning.space import SearchSpace, field_hints, space_from_dict
+from seg.tuning.space import METRICS, SearchSpace, field_hints, space_from_dict
 from seg.tuning.tracking import TAG_FAILURE_REASON
 
-__all__ = ["METRIC", "FINISHED_STATES", "MIN_TRIALS_FOR_IMPORTANCE", "TOP_CURVES", "Trial", "Search", "connect",
-           "sqlite_path", "find_search_run", "load_search", "config_from_run", "param_value", "trials_table",
-           "markdown_table", "importance", "write_report", "log_report"]
+__all__ = ["METRIC", "MODE", "FINISHED_STATES", "MIN_TRIALS_FOR_IMPORTANCE", "TOP_CURVES", "Trial", "Search", "connect",
+           "sqlite_path", "find_search_run", "objective", "load_search", "config_from_run", "param_value",
+           "trials_table", "markdown_table", "importance", "write_report", "log_report"]
 
-METRIC = "val_miou"  # the objective every report and retrain ranks by (higher is better)
+# the objective of a search whose parent run records none (see objective())
+METRIC = "val_miou"
+MODE = "max"  # higher is better
 FINISHED_STATES = ("completed", "early_stopped")  # trials with a score
 MIN_TRIALS_FOR_IMPORTANCE = 3
 TOP_CURVES = 5
@@ -76,18 +79,20 @@ class Trial:
     reason: str  # why it failed ('' otherwise)
     params: Mapping[str, str]  # as logged (strings)
     metrics: Mapping[str, float]  # latest value of each metric
-    history: Mapping[int, float]  # epoch -> val_miou
+    history: Mapping[int, float]  # epoch -> the search's metric
     start_time: int  # ms since the epoch
+    mode: str = MODE  # the search's: max (higher is better) or min
 
     @property
     def best_epoch(self) -> int:
-        """The epoch of the best val mIoU (0 when no epoch validated)."""
+        """The epoch of the best value of the metric (the first of equals; 0 when no epoch validated)."""
+        sign = 1 if self.mode == "max" else -1
         finite = {epoch: value for epoch, value in self.history.items() if math.isfinite(value)}
-        return max(finite, key=lambda epoch: (finite[epoch], -epoch)) if finite else 0
+        return max(finite, key=lambda epoch: (sign * finite[epoch], -epoch)) if finite else 0
 
     @property
     def score(self) -> float:
-        """Best val mIoU over the epochs it ran (NaN when none validated)."""
+        """Best value of the metric over the epochs it ran (NaN when none validated)."""
         return self.history[self.best_epoch] if self.best_epoch else math.nan
 
     @property
@@ -111,14 +116,22 @@ class Search:
     keys: tuple[str, ...]  # the sampled hyperparameters (dotted config keys)
     space: SearchSpace | None = None  # rebuilt from the parent run's artifacts
     tracking_uri: str = ""
+    metric: str = METRIC  # the objective the search ranked by (see :func:`objective`)
+    mode: str = MODE
 
     @property
     def run_id(self) -> str:
         return self.run.info.run_id
 
+    @property
+    def better(self) -> str:
+        """``higher`` or ``lower``: which values of the metric are better."""
+        return "higher" if self.mode == "max" else "lower"
+
     def ranked(self) -> list[Trial]:
         """Trials with a score, best first, then the others in launch order."""
-        scored = sorted((t for t in self.trials if t.has_score), key=lambda t: (-t.score, t.start_time))
+        sign = -1 if self.mode == "max" else 1
+        scored = sorted((t for t in self.trials if t.has_score), key=lambda t: (sign * t.score, t.start_time))
         return scored + [t for t in self.trials if not t.has_score]
 
     def best(self, count: int = 1) -> list[Trial]:
@@ -126,7 +139,7 @@ class Search:
         scored = [t for t in self.ranked() if t.has_score]
         if not scored:
             states = ", ".join(f"{t.name}: {t.state}" for t in self.trials) or "no trial runs at all"
-            raise TrackingError(f"search '{self.name}' has no completed trial with a {METRIC} ({states})")
+            raise TrackingError(f"search '{self.name}' has no completed trial with a {self.metric} ({states})")
         return scored[:count]
 
     def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
@@ -204,20 +217,34 @@ def find_search_run(client: MlflowClient, name: str | None = None) -> Run:
     return runs[0]
 
 
+def objective(run: Run) -> tuple[str, str]:
+    """(metric, mode) the search of parent run ``run`` ranked its trials by: the run's
+    ``budget.metric`` and ``budget.mode`` params (``seg.tuning.search`` logs the budget
+    there, command-line overrides included); ``(METRIC, MODE)`` when it records none."""
+    params = run.data.params
+    metric = params.get("budget.metric", METRIC)
+    mode = params.get("budget.mode") or METRICS.get(metric, MODE)
+    if mode not in ("max", "min"):
+        raise TrackingError(f"search run {run.info.run_id} records budget.mode {mode!r}: expected max or min")
+    return metric, mode
+
+
 def load_search(client: MlflowClient, name: str | None = None) -> Search:
-    """The search ``name`` (see :func:`find_search_run`) with its trials and their val mIoU histories."""
+    """The search ``name`` (see :func:`find_search_run`) with its trials and the histories of its metric."""
     run = find_search_run(client, name)
     experiment = tracking.call(client.get_experiment, run.info.experiment_id)
+    metric, mode = objective(run)
     children = [child for child in trial_runs(run.info.experiment_id, run.info.run_id, client)
                 if child.data.tags.get(TAG_ROLE, "trial") == "trial"]
-    trials = tuple(sorted((_trial(client, child) for child in children), key=lambda t: (t.start_time, t.name)))
+    trials = tuple(sorted((_trial(client, child, metric, mode) for child in children),
+                          key=lambda t: (t.start_time, t.name)))
     space = _logged_space(client, run)
     tagged = [key for child in children for key in child.data.tags.get(TAG_SAMPLED_KEYS, "").split(",") if key]
     keys = (list(dict.fromkeys(tagged)) or (list(space.keys) if space is not None else [])
             or _varying_keys(trials))
     return Search(name=run.info.run_name or run.info.run_id, experiment_name=experiment.name,
                   experiment_id=run.info.experiment_id, run=run, trials=trials, keys=tuple(keys), space=space,
-                  tracking_uri=client.tracking_uri)
+                  tracking_uri=client.tracking_uri, metric=metric, mode=mode)
 
 
 def param_value(key: str, text: str) -> Any:
@@ -269,10 +296,10 @@ def trials_table(search: Search) -> pd.DataFrame:
             "rank": rank if trial.has_score else None,
             "trial": trial.name,
             "state": trial.state,
-            METRIC: trial.score,
+            search.metric: trial.score,
             "best_epoch": trial.best_epoch or None,
             "epochs": trial.epochs,
-            f"final_{METRIC}": trial.history.get(trial.epochs, math.nan),
+            f"final_{search.metric}": trial.history.get(trial.epochs, math.nan),
             "train_loss": trial.metrics.get("train_loss", math.nan),
         }
         for key in search.keys:
@@ -311,7 +338,7 @@ def importance(search: Search) -> tuple[dict[str, float] | None, optuna.Study | 
         return None, None, "The search sampled no hyperparameter, so there is nothing to rank."
     distributions = search.distributions()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=search.name, direction="maximize")
+    study = optuna.create_study(study_name=search.name, direction="maximize" if search.mode == "max" else "minimize")
     skipped = []
     for trial in scored:
         params = search.encoded_params(trial)
@@ -326,16 +353,17 @@ def importance(search: Search) -> tuple[dict[str, float] | None, optuna.Study | 
     note = f" Left out: {'; '.join(skipped)}." if skipped else ""
     if count < MIN_TRIALS_FOR_IMPORTANCE:
         return None, study if count else None, (
-            f"Hyperparameter importance needs at least {MIN_TRIALS_FOR_IMPORTANCE} trials with a {METRIC}; "
+            f"Hyperparameter importance needs at least {MIN_TRIALS_FOR_IMPORTANCE} trials with a {search.metric}; "
             f"this search has {count}.{note} Run more trials to see which hyperparameters matter.")
     values = [t.value for t in study.trials]
     if max(values) - min(values) == 0:
-        return None, study, f"All {count} scored trials have the same {METRIC}: importance is undefined.{note}"
+        return None, study, (f"All {count} scored trials have the same {search.metric}: importance is "
+                             f"undefined.{note}")
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
     scores = optuna.importance.get_param_importances(study, evaluator=evaluator)
     return ({key: float(value) for key, value in scores.items()}, study,
             f"fANOVA importance (optuna, seed 0) over {count} scored trials (early-stopped ones with the best "
-            f"{METRIC} they reached); failed and unfinished trials are left out.{note}")
+            f"{search.metric} they reached); failed and unfinished trials are left out.{note}")
 
 
 def write_report(search: Search, out_dir: str | Path, client: MlflowClient, log_to_parent: bool = True) -> Path:
@@ -349,16 +377,16 @@ def write_report(search: Search, out_dir: str | Path, client: MlflowClient, log_
     written = [out / "trials.csv", out / "trials.md"]
 
     importances, study, importance_note = importance(search)
-    figures = {"val_miou_over_trials.png": _plot_over_trials(search)}
+    figures = {_over_trials_file(search): _plot_over_trials(search)}
     if importances is not None:
-        figures["param_importance.png"] = _plot_importance(importances)
+        figures["param_importance.png"] = _plot_importance(importances, search.metric)
     if study is not None and len(study.trials) >= 2:
-        figures["parallel_coordinates.png"] = _plot_parallel(study, search.keys)
+        figures["parallel_coordinates.png"] = _plot_parallel(study, search.keys, search.metric)
     scored = [t for t in search.ranked() if t.has_score]
     if scored:
-        figures["learning_curves.png"] = _plot_curves(scored[:TOP_CURVES])
+        figures["learning_curves.png"] = _plot_curves(scored[:TOP_CURVES], search.metric)
         per_class = _per_class_iou(client, scored[0])
-        figures["per_class_iou.png"] = _plot_per_class(per_class, scored[0])
+        figures["per_class_iou.png"] = _plot_per_class(per_class, scored[0], search.metric)
     else:
         per_class = {}
     for name, figure in figures.items():
@@ -388,14 +416,14 @@ def _search_runs(client: MlflowClient, experiment_ids: list[str], filter_string:
                               max_results=max_results or 1000, order_by=["attributes.start_time DESC"]))
 
 
-def _trial(client: MlflowClient, run: Run) -> Trial:
+def _trial(client: MlflowClient, run: Run, metric: str, mode: str) -> Trial:
     tags = run.data.tags
-    history = {m.step: m.value for m in tracking.call(client.get_metric_history, run.info.run_id, METRIC)}
+    history = {m.step: m.value for m in tracking.call(client.get_metric_history, run.info.run_id, metric)}
     state = tags.get(TAG_STATE) or {"FINISHED": "completed", "FAILED": "failed"}.get(run.info.status, "running")
     return Trial(run_id=run.info.run_id, name=run.info.run_name or run.info.run_id[:8],
                  trial_id=tags.get(TAG_TRIAL_ID, ""), state=state, reason=tags.get(TAG_FAILURE_REASON, ""),
                  params=dict(run.data.params), metrics=dict(run.data.metrics), history=history,
-                 start_time=run.info.start_time or 0)
+                 start_time=run.info.start_time or 0, mode=mode)
 
 
 def _logged_space(client: MlflowClient, run: Run) -> SearchSpace | None:
@@ -471,15 +499,20 @@ def _figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), layout="constrained")
 
 
+def _over_trials_file(search: Search) -> str:
+    return f"{search.metric}_over_trials.png"
+
+
 def _plot_over_trials(search: Search) -> Any:
     figure = _figure(7, 3.6)
     axes = figure.add_subplot()
     order = np.arange(1, len(search.trials) + 1)
-    running, best = [], -math.inf
+    keep = max if search.mode == "max" else min
+    running, best = [], math.nan
     for trial in search.trials:
         if trial.has_score:
-            best = max(best, trial.score)
-        running.append(best if math.isfinite(best) else np.nan)
+            best = trial.score if math.isnan(best) else keep(best, trial.score)
+        running.append(best)
     styles = {"completed": ("o", "tab:blue"), "early_stopped": ("s", "tab:orange")}
     for state, (marker, colour) in styles.items():
         points = [(n, t.score) for n, t in zip(order, search.trials) if t.state == state and t.has_score]
@@ -487,32 +520,33 @@ def _plot_over_trials(search: Search) -> Any:
             axes.scatter(*zip(*points), marker=marker, color=colour, label=state.replace("_", " "), zorder=3)
     others = [n for n, t in zip(order, search.trials) if not t.has_score]
     if others:
-        floor = min([t.score for t in search.trials if t.has_score], default=0.0)
+        worst = min if search.mode == "max" else max
+        floor = worst([t.score for t in search.trials if t.has_score], default=0.0)
         axes.scatter(others, [floor] * len(others), marker="x", color="tab:red", label="failed / no score", zorder=3)
     axes.step(order, running, where="post", color="black", linewidth=1, label="best so far")
     axes.set_xlabel("trial (launch order)")
-    axes.set_ylabel(f"best {METRIC}")
-    axes.set_title(f"{search.name}: {METRIC} over trials")
+    axes.set_ylabel(f"best {search.metric} ({search.better} is better)")
+    axes.set_title(f"{search.name}: {search.metric} over trials")
     axes.set_xticks(order)
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     return figure
 
 
-def _plot_importance(importances: Mapping[str, float]) -> Any:
+def _plot_importance(importances: Mapping[str, float], metric: str) -> Any:
     names = list(importances)[::-1]
     figure = _figure(7, 0.5 * len(names) + 1.4)
     axes = figure.add_subplot()
     axes.barh(names, [importances[n] for n in names], color="tab:blue")
     for y, name in enumerate(names):
         axes.text(importances[name], y, f" {importances[name]:.2f}", va="center", fontsize="small")
-    axes.set_xlabel("fANOVA importance (share of the variance of val mIoU)")
+    axes.set_xlabel(f"fANOVA importance (share of the variance of {metric})")
     axes.set_xlim(0, max(1.0, max(importances.values()) * 1.15))
     axes.set_title("Hyperparameter importance")
     return figure
 
 
-def _plot_parallel(study: optuna.Study, keys: Sequence[str]) -> Any:
+def _plot_parallel(study: optuna.Study, keys: Sequence[str], metric: str) -> Any:
     """Each scored trial as a line through its (normalised) hyperparameters, coloured by its score."""
     from matplotlib import colormaps
 
@@ -539,10 +573,11 @@ def _plot_parallel(study: optuna.Study, keys: Sequence[str]) -> Any:
             labels.append((key, [f"{distribution.low:.3g}", f"{distribution.high:.3g}"]))
         columns.append(column)
     columns.append((values - low) / ((high - low) or 1.0))
-    labels.append((METRIC, [f"{low:.3g}", f"{high:.3g}"]))
+    labels.append((metric, [f"{low:.3g}", f"{high:.3g}"]))
     data = np.stack(columns, axis=1)
     xs = np.arange(data.shape[1])
-    for row, value in sorted(zip(data, values), key=lambda pair: pair[1]):  # best drawn last, on top
+    sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
+    for row, value in sorted(zip(data, values), key=lambda pair: sign * pair[1]):  # best drawn last, on top
         axes.plot(xs, row, color=colour((value - low) / ((high - low) or 1.0)), alpha=0.8, linewidth=1.5)
     for x, (key, ticks) in zip(xs, labels):
         axes.axvline(x, color="grey", linewidth=0.8)
@@ -551,11 +586,11 @@ def _plot_parallel(study: optuna.Study, keys: Sequence[str]) -> Any:
     axes.set_xticks(xs, [key for key, _ in labels], rotation=20, ha="right", fontsize="small")
     axes.set_yticks([])
     axes.set_ylim(-0.05, 1.05)
-    axes.set_title(f"Parallel coordinates ({len(trials)} scored trials, colour = {METRIC})")
+    axes.set_title(f"Parallel coordinates ({len(trials)} scored trials, colour = {metric})")
     return figure
 
 
-def _plot_curves(trials: Sequence[Trial]) -> Any:
+def _plot_curves(trials: Sequence[Trial], metric: str) -> Any:
     figure = _figure(7, 3.8)
     axes = figure.add_subplot()
     for rank, trial in enumerate(trials, 1):
@@ -566,14 +601,14 @@ def _plot_curves(trials: Sequence[Trial]) -> Any:
 
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("epoch")
-    axes.set_ylabel(METRIC)
+    axes.set_ylabel(metric)
     axes.set_title(f"Learning curves of the top {len(trials)} trials")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     return figure
 
 
-def _plot_per_class(per_class: Mapping[str, float], trial: Trial) -> Any:
+def _plot_per_class(per_class: Mapping[str, float], trial: Trial, metric: str) -> Any:
     figure = _figure(7, 5)
     axes = figure.add_subplot()
     names = list(per_class)[::-1]
@@ -585,7 +620,7 @@ def _plot_per_class(per_class: Mapping[str, float], trial: Trial) -> Any:
     axes.set_xlim(0, 1.08)
     axes.set_xlabel("IoU")
     axes.set_title(f"Per-class IoU of the best trial {trial.name} (epoch {trial.best_epoch}, "
-                   f"mIoU {trial.score:.3f})")
+                   f"{metric} {trial.score:.3f})")
     return figure
 
 
@@ -602,26 +637,27 @@ def _report_markdown(search: Search, table: pd.DataFrame, importances: Mapping[s
              f"- Trials: {len(search.trials)} ("
              + ", ".join(f"{count} {state.replace('_', ' ')}" for state, count in counts.items()) + ")",
              f"- Sampled hyperparameters: {', '.join(f'`{k}`' for k in search.keys) or 'none'}",
-             f"- Ranking: best `{METRIC}` over the epochs a trial ran (higher is better)", ""]
+             f"- Ranking: best `{search.metric}` over the epochs a trial ran ({search.better} is better)", ""]
     scored = [t for t in search.ranked() if t.has_score]
     if scored:
         best = scored[0]
         values = ", ".join(f"`{k}` = {_shown(param_value(k, best.params[k]))}" for k in search.keys
                            if k in best.params)
         lines += ["## Best trial", "",
-                  f"**{best.name}** (run `{best.run_id}`): {METRIC} **{best.score:.4f}** at epoch "
+                  f"**{best.name}** (run `{best.run_id}`): {search.metric} **{best.score:.4f}** at epoch "
                   f"{best.best_epoch} of {best.epochs}" + (f"; {values}" if values else "") + ".", "",
                   f"Retrain it: `python scripts/retrain.py --search {search.name}`", ""]
     else:
-        lines += ["## Best trial", "", f"No trial finished with a {METRIC}: nothing to rank.", ""]
+        lines += ["## Best trial", "", f"No trial finished with a {search.metric}: nothing to rank.", ""]
     lines += ["## Trials", "", markdown_table(table), "CSV with full precision and run ids: `trials.csv`.", ""]
     failed = [t for t in search.trials if not t.has_score]
     if failed:
         lines += ["### Trials without a score", ""]
         lines += [f"- {t.name}: {t.state}" + (f": {t.reason}" if t.reason else "") for t in failed]
         lines.append("")
-    if "val_miou_over_trials.png" in figures:
-        lines += ["## Val mIoU over trials", "", "![val mIoU over trials](val_miou_over_trials.png)", ""]
+    over_trials = _over_trials_file(search)
+    if over_trials in figures:
+        lines += [f"## {search.metric} over trials", "", f"![{search.metric} over trials]({over_trials})", ""]
     lines += ["## Hyperparameter importance", "", importance_note, ""]
     if importances is not None:
         lines += ["| hyperparameter | importance |", "|---|---:|"]

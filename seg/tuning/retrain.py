@@ -4,13 +4,16 @@ A search ranks trials by one training run each, often cut short by the scheduler
 its winner may just have drawn a lucky seed. Here each source trial's configuration
 (rebuilt from its run's ``config.yaml``, see ``seg.tuning.report.config_from_run``) is
 trained again for ``train.epochs`` epochs once per seed, and the candidates are
-ranked by a one-sided 95 % lower confidence bound of their mean final val mIoU::
+ranked by a one-sided 95 % confidence bound of the mean final value of the search's
+metric (its ``budget.metric``, val mIoU unless it said otherwise), on the bad side::
 
     score = mean - t(0.95, S - 1) * std / sqrt(S)      (std with S - 1 degrees of freedom)
 
-which rewards a configuration that is good on every seed over one that is good on
-average thanks to one lucky run, and shrinks towards the mean as seeds are added.
-With a single seed there is no margin: the score is the final val mIoU itself.
+(``mean +`` for a metric where lower is better, such as ``val_loss``), which rewards a
+configuration that is good on every seed over one that is good on average thanks to
+one lucky run, and shrinks towards the mean as seeds are added. With a single seed
+there is no margin: the score is the final value itself. The source trials are the
+search's best by the same metric and mode (``seg.tuning.report.Search.best``).
 
 MLflow layout, in the search's experiment: one parent run per invocation (tag
 ``seg.role=retrain``) with one child run per (trial, seed). Every run carries its
@@ -48,7 +51,8 @@ from seg.config import Config
 from seg.data.cityscapes import resolve_data_root
 from seg.errors import ConfigError, TrackingError
 from seg.tuning import tracking
-from seg.tuning.report import METRIC, Search, Trial, config_from_run, load_search, log_report, markdown_table
+from seg.tuning.report import (METRIC, MODE, Search, Trial, config_from_run, load_search, log_report,
+                               markdown_table)
 from seg.tuning.runs import TAG_PARENT, TAG_ROLE, git_commit
 
 __all__ = ["CONFIDENCE", "SeedRun", "Candidate", "RetrainResult", "lower_confidence_bound", "select_sources",
@@ -68,20 +72,26 @@ class SeedRun:
     trial: Trial
     seed: int
     run_id: str
-    final: Mapping[str, float]  # the final model's val metrics (EpochResult keys)
+    final: Mapping[str, float]  # the final model's val metrics and the search's metric (EpochResult keys)
     checkpoint: Path  # last.pt: the final model
+    metric: str = METRIC  # the search's
 
     @property
     def score(self) -> float:
-        return float(self.final.get(METRIC, math.nan))
+        return float(self.final.get(self.metric, math.nan))
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """A source trial and its retrainings over seeds, scored by the lower confidence bound."""
+    """A source trial and its retrainings over seeds, scored by the confidence bound on the bad side."""
 
     trial: Trial
     runs: tuple[SeedRun, ...]
+    mode: str = MODE  # the search's: max (higher is better) or min
+
+    @property
+    def metric(self) -> str:
+        return self.runs[0].metric if self.runs else METRIC
 
     @property
     def values(self) -> list[float]:
@@ -93,11 +103,13 @@ class Candidate:
 
     @property
     def score(self) -> float:
+        """``mean - margin`` (``mean + margin`` for a metric where lower is better)."""
         mean, _, margin = self.stats
-        return mean - (margin if math.isfinite(margin) else 0.0)
+        margin = margin if math.isfinite(margin) else 0.0
+        return mean - margin if self.mode == "max" else mean + margin
 
     def best_run(self) -> SeedRun:
-        return max(self.runs, key=lambda run: (run.score, -run.seed))
+        return max(self.runs, key=lambda run: (_goodness(run.score, self.mode), -run.seed))
 
 
 @dataclass(frozen=True)
@@ -190,20 +202,23 @@ def retrain(client: MlflowClient, search: Search, trials: Sequence[Trial], *, se
                     f"{' on train+val' if train_val else ''}")
                 runs.append(_train_seed(client, search, trial, cfg, seed, parent_id, lineage, train_val,
                                         work / f"{_slug(trial.name)}-seed{seed}"))
-                log(f"retrain: {trial.name} seed {seed}: final {METRIC} {runs[-1].score:.4f}")
-            candidates.append(Candidate(trial, tuple(runs)))
-        ranked = tuple(sorted(candidates, key=lambda c: (-_finite(c.score), -_finite(c.stats[0]))))
+                log(f"retrain: {trial.name} seed {seed}: final {search.metric} {runs[-1].score:.4f}")
+            candidates.append(Candidate(trial, tuple(runs), mode=search.mode))
+        ranked = tuple(sorted(candidates, key=lambda c: (-_goodness(c.score, c.mode),
+                                                         -_goodness(c.stats[0], c.mode))))
         table = seed_robust_table(ranked)
         winner = ranked[0]
         best = winner.best_run()
         mean, std, margin = winner.stats
-        tracking.log_metrics(parent_id, {f"winner_{METRIC}_mean": mean, f"winner_{METRIC}_lcb": winner.score,
-                                         f"winner_{METRIC}_std": std}, step=0, client=client)
+        metric, bound = search.metric, "lcb" if search.mode == "max" else "ucb"
+        tracking.log_metrics(parent_id, {f"winner_{metric}_mean": mean, f"winner_{metric}_{bound}": winner.score,
+                                         f"winner_{metric}_std": std}, step=0, client=client)
         tracking.log_tags(parent_id, {"winner_trial": winner.trial.name, "winner_trial_run_id": winner.trial.run_id,
                                       "winner_run_id": best.run_id}, client)
         files: list[Path] = []
         if report_dir is not None and sum(len(c.runs) for c in ranked) > 1:
-            files = _write_table(table, Path(report_dir), len(seed_lists[winner.trial.run_id]))
+            files = _write_table(table, Path(report_dir), len(seed_lists[winner.trial.run_id]), search.metric,
+                                 search.mode)
             log_report(client, search.run_id, files)
             log_report(client, parent_id, files)
         result = RetrainResult(run_id=parent_id, candidates=ranked, table=table, files=tuple(files))
@@ -266,12 +281,12 @@ def register_model(client: MlflowClient, run: SeedRun, name: str, tags: Mapping[
 
 
 def seed_robust_table(candidates: Sequence[Candidate]) -> pd.DataFrame:
-    """One row per candidate, ranked: search score, per-seed final val mIoU, mean, std, margin, score."""
+    """One row per candidate, ranked: search score, per-seed final value of the metric, mean, std, margin, score."""
     seeds = sorted({run.seed for c in candidates for run in c.runs})
     rows = []
     for rank, candidate in enumerate(candidates, 1):
         mean, std, margin = candidate.stats
-        row = {"rank": rank, "trial": candidate.trial.name, f"search_{METRIC}": candidate.trial.score,
+        row = {"rank": rank, "trial": candidate.trial.name, f"search_{candidate.metric}": candidate.trial.score,
                "seeds": len(candidate.runs)}
         by_seed = {run.seed: run.score for run in candidate.runs}
         row.update({f"seed_{seed}": by_seed.get(seed, math.nan) for seed in seeds})
@@ -339,13 +354,14 @@ def _train_seed(client: MlflowClient, search: Search, trial: Trial, cfg: Config,
                                                      "train_val": str(train_val)})
     started = time.perf_counter()
     result = tracking.tracked_fit(cfg, out_dir, run_id, client=client, num_overlays=0)
-    final = {key: value for key, value in result.history[-1].items() if key.startswith("val_")}
+    final = {key: value for key, value in result.history[-1].items()
+             if key.startswith("val_") or key == search.metric}
     checkpoint = Path(result.out_dir) / "last.pt"
     final_metrics = {f"final_{key}": value for key, value in final.items() if "/" not in key}
     final_metrics["retrain_seconds"] = time.perf_counter() - started
     tracking.log_metrics(run_id, final_metrics, step=cfg.train.epochs, client=client)
     tracking.log_prediction_overlays(run_id, checkpoint, count=NUM_OVERLAYS, client=client)
-    return SeedRun(trial=trial, seed=seed, run_id=run_id, final=final, checkpoint=checkpoint)
+    return SeedRun(trial=trial, seed=seed, run_id=run_id, final=final, checkpoint=checkpoint, metric=search.metric)
 
 
 def _input_example(cfg: Config) -> torch.Tensor:
@@ -359,19 +375,24 @@ def _input_example(cfg: Config) -> torch.Tensor:
     return torch.stack([image, image.flip(-1)])
 
 
-def _write_table(table: pd.DataFrame, out: Path, seeds: int) -> list[Path]:
+def _write_table(table: pd.DataFrame, out: Path, seeds: int, metric: str, mode: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "seed_robust.csv", index=False)
     shown = table.drop(columns=["source_run_id", "best_seed_run_id"])
-    note = (f"Final {METRIC} of each retraining. score = mean - t({CONFIDENCE}, S-1) * std / sqrt(S), a one-sided "
-            f"{CONFIDENCE:.0%} lower confidence bound of the mean over S seeds; the winner has the highest score."
+    sign, bound, best = ("-", "lower", "highest") if mode == "max" else ("+", "upper", "lowest")
+    note = (f"Final {metric} of each retraining. score = mean {sign} t({CONFIDENCE}, S-1) * std / sqrt(S), a "
+            f"one-sided {CONFIDENCE:.0%} {bound} confidence bound of the mean over S seeds; the winner has the "
+            f"{best} score."
             + (" With one seed there is no margin: score = the single value." if seeds < 2 else "") + "\n\n")
     (out / "seed_robust.md").write_text(note + markdown_table(shown))
     return [out / "seed_robust.csv", out / "seed_robust.md"]
 
 
-def _finite(value: float) -> float:
-    return value if math.isfinite(value) else -math.inf
+def _goodness(value: float, mode: str) -> float:
+    """Larger is better whatever the mode; NaN the worst."""
+    if not math.isfinite(value):
+        return -math.inf
+    return value if mode == "max" else -value
 
 
 def _slug(text: str) -> str:
