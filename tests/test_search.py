@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, restored_tracking_uri, shared_tmp_path, small_search_space
+from helpers import LR, REPO, restored_tracking_uri, shared_tmp_path, small_search_space, tiny_space
 
 TRIALS = 4
 
@@ -209,6 +209,38 @@ def test_optuna_study_has_no_trial_left_running(search):
     assert [t.state for t in diverged] == [TrialState.PRUNED]
     by_value = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert by_value and max(t.value for t in by_value) == pytest.approx(result.best.best)
+
+
+def test_a_trial_that_sampled_none_has_its_full_config_in_the_summary(tmp_path):
+    # a trial that never reported: Tune holds no config for it, so the summary reads its run's params,
+    # where a sampled null was logged as "None"
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from seg.tuning import runs, tracking
+    from seg.tuning.search import _summarise, param_value
+    from seg.tuning.space import load_space
+
+    assert param_value("optim.grad_clip", "None") is None
+    space_file = tmp_path / "clip.yaml"
+    space_file.write_text(tiny_space(None, budget={"trials": 1, "max_epochs": 2},
+                                     space={**LR, "optim.grad_clip": "{choice: [null, 1.0]}"}))
+    space = load_space(space_file)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = tracking.get_or_create_experiment("clip", client)
+    parent = runs.start_search_run(experiment_id, str(tmp_path), "clip", {}, client)
+    run_id, _ = runs.start_trial_run(experiment_id, parent, "abc", "trial_abc", client=client)
+    cfg = space.config_for({"optim.lr": 0.01, "optim.grad_clip": None})
+    tracking.log_config(run_id, cfg, client)
+    runs.set_trial_state(run_id, "failed", reason="RuntimeError: before the first epoch", client=client)
+    result = SimpleNamespace(metrics={}, path=str(tmp_path / "trial_abc"), config={}, error=RuntimeError("x"),
+                             metrics_dataframe=None)
+
+    (summary,), _ = _summarise(space, tmp_path, [result], experiment_id, parent, client)
+    assert summary.run_id == run_id and summary.state == "failed"
+    assert summary.params == {"optim.lr": 0.01, "optim.grad_clip": None}
+    assert summary.config == cfg.to_dict()
 
 
 def test_resources_and_data_are_checked_before_ray(tmp_path, synthetic_root):

@@ -45,12 +45,12 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from seg.config import Config, coerce, config_from_dict
+from seg.config import Config, config_from_dict
 from seg.data.labels import CLASS_NAMES
-from seg.errors import ConfigError, SegError, TrackingError
+from seg.errors import SegError, TrackingError
 from seg.tuning import tracking
 from seg.tuning.runs import TAG_ROLE, TAG_STATE, TAG_TRIAL_ID, trial_runs
-from seg.tuning.space import METRICS, SearchSpace, field_hints, space_from_dict
+from seg.tuning.space import METRICS, SearchSpace, field_hints, param_value, space_from_dict
 from seg.tuning.tracking import TAG_FAILURE_REASON
 
 __all__ = ["METRIC", "MODE", "FINISHED_STATES", "MIN_TRIALS_FOR_IMPORTANCE", "TOP_CURVES", "Trial", "Search", "connect",
@@ -245,23 +245,6 @@ def load_search(client: MlflowClient, name: str | None = None) -> Search:
     return Search(name=run.info.run_name or run.info.run_id, experiment_name=experiment.name,
                   experiment_id=run.info.experiment_id, run=run, trials=trials, keys=tuple(keys), space=space,
                   tracking_uri=client.tracking_uri, metric=metric, mode=mode)
-
-
-def param_value(key: str, text: str) -> Any:
-    """A logged param (a string) back to the config value of the dotted key ``key``."""
-    hint = field_hints().get(key)
-    if text == "None":
-        return None
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if hint is None:
-        return value
-    try:
-        return coerce(value, hint, key, "logged param")
-    except ConfigError:
-        return text  # e.g. a string field whose value reads as a number in YAML
 
 
 def config_from_run(client: MlflowClient, run: Run) -> Config:

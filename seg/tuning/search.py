@@ -65,12 +65,12 @@ from ray.tune.search.optuna import OptunaSearch
 from seg.errors import ConfigError, SegError, TrackingError, WeightsNotFoundError
 from seg.paths import safe_child
 from seg.tuning import probing, runs, tracking
-from seg.tuning.space import REPO_ROOT, SearchSpace
+from seg.tuning.space import REPO_ROOT, SearchSpace, param_value
 from seg.tuning.trainable import TrialContext, train_trial, trial_output_dir
 
 __all__ = ["SEARCH_RECORD", "SUMMARY_FILE", "PROBE_FILE", "SearchResult", "TrialSummary", "SegOptunaSearch",
            "SearchTracker", "run_search", "start_ray", "build_searcher", "trial_state", "trial_dirname",
-           "default_storage", "param_value"]
+           "default_storage"]
 
 log = logging.getLogger(__name__)
 
@@ -840,17 +840,6 @@ def _log_search_params(run_id: str, space: SearchSpace, client: Any) -> None:
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-def param_value(key: str, text: str) -> Any:
-    """A logged MLflow param (a string) back to the config value of ``key``."""
-    from seg.config import coerce
-    from seg.tuning.space import field_hints
-
-    try:
-        return coerce(yaml.safe_load(text), field_hints()[key], key, "logged param")
-    except (ConfigError, yaml.YAMLError, KeyError):
-        return text
-
 
 def _decoded(space: SearchSpace, config: Mapping[str, Any]) -> dict[str, Any]:
     try:
