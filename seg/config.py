@@ -6,7 +6,11 @@ A config file mirrors the dataclasses below section by section::
     optim: {lr: 1.0e-4, momentum: 0.99}
 
 Every key is checked: an unknown key, a wrong type or an impossible value raises
-``ConfigError`` naming the file, the dotted key and a fix. Overrides use dotted keys
+``ConfigError`` naming the file, the dotted key and a fix. Names of registered things
+(``model.arch``, ``model.backbone``, ``optim.name``, ``optim.schedule``) are checked
+against their registries (``seg.models.MODELS`` and ``BACKBONES``, ``seg.optim.OPTIMIZERS``
+and ``SCHEDULES``), the one list of valid names, when the config is built: a command
+fails on a misspelled name before it creates anything. Overrides use dotted keys
 (``optim.lr=0.01``), both on the command line and from the search spaces.
 """
 
@@ -70,21 +74,33 @@ class ModelConfig:
     pretrained: bool = False  # ImageNet backbone weights (torchvision cache or `weights`)
     weights: str | None = None  # path to a backbone state dict, implies pretrained
 
+    def __post_init__(self) -> None:
+        # imported here: seg.models imports this module (and torch)
+        from seg.models import BACKBONES, MODELS
+
+        _check_registered(self.arch, "model.arch", MODELS, "architecture")
+        _check_registered(self.backbone, "model.backbone", BACKBONES, "backbone")
+
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    name: str = "sgd"  # a name in seg.optim.OPTIMIZERS
     lr: float = 0.01
     momentum: float = 0.9  # SGD momentum; beta1 for Adam/AdamW
     nesterov: bool = False
     weight_decay: float = 5e-4
-    schedule: Literal["poly", "cosine", "constant"] = "poly"
+    schedule: str = "poly"  # a name in seg.optim.SCHEDULES
     power: float = 0.9  # exponent of the poly schedule
     warmup_iters: int = 0
     warmup_factor: float = 0.1  # lr multiplier at the first warmup iteration
     grad_clip: float | None = None  # max global gradient norm
 
     def __post_init__(self) -> None:
+        # imported here: seg.optim imports this module (and torch)
+        from seg.optim import OPTIMIZERS, SCHEDULES
+
+        _check_registered(self.name, "optim.name", OPTIMIZERS, "optimizer")
+        _check_registered(self.schedule, "optim.schedule", SCHEDULES, "schedule")
         _check(0 < self.lr <= 10, "optim.lr", self.lr, "in (0, 10]")
         _check(0 <= self.momentum < 1, "optim.momentum", self.momentum, "in [0, 1)")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
@@ -309,6 +325,15 @@ def coerce(value: Any, hint: Any, key: str, source: str = "config") -> Any:
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
     if not ok:
         raise ConfigError(f"key '{key}' must be {expected}, got {value!r}")
+
+
+def _check_registered(name: str, key: str, registry: Mapping[str, Any], kind: str) -> None:
+    if name in registry:
+        return
+    close = difflib.get_close_matches(str(name), list(registry), n=1)
+    hint = f"Did you mean {close[0]}? " if close else ""
+    raise ConfigError(f"key '{key}' is {name!r}, which is not a registered {kind}. "
+                      f"{hint}Valid: {', '.join(registry)}")
 
 
 def _suggest(key: str, known: Mapping[str, Any]) -> str:

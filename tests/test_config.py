@@ -47,6 +47,9 @@ def test_exponent_without_dot_is_a_float(tmp_path):
     ("data: {scale_range: [2.0, 1.0]}\n", "data.scale_range"),
     ("train: {epochs: 0}\n", "train.epochs"),
     ("optim: {name: rmsprop}\n", "optim.name"),
+    ("optim: {schedule: step}\n", "optim.schedule"),
+    ("model: {arch: fcn9s}\n", "model.arch"),
+    ("model: {backbone: resnet17}\n", "model.backbone"),
     ("optim: {lr: 0.1, lr: 0.2}\n", "lr"),
 ])
 def test_bad_values_name_file_and_key(tmp_path, text, key):
@@ -55,6 +58,39 @@ def test_bad_values_name_file_and_key(tmp_path, text, key):
         load_config(path)
     assert str(path) in str(error.value)
     assert key in str(error.value)
+
+
+def test_unregistered_model_names_are_refused_with_the_registered_ones():
+    # checked when the config is built, so that a command fails before it creates an MLflow run
+    from seg.models import BACKBONES, MODELS
+
+    with pytest.raises(ConfigError) as error:
+        load_config(overrides=["model.arch=fcn9s"])
+    message = str(error.value)
+    assert "model.arch" in message and "'fcn9s'" in message and "Did you mean fcn8s?" in message
+    assert all(name in message for name in MODELS)
+    with pytest.raises(ConfigError) as error:
+        load_config(overrides=["model.backbone=resnet17"])
+    message = str(error.value)
+    assert "model.backbone" in message and "'resnet17'" in message
+    assert all(name in message for name in BACKBONES)
+
+
+def test_registered_names_are_the_registries_keys(monkeypatch):
+    # one list of names: an entry added to a registry is a valid config value, with nothing else to edit
+    import seg.models
+    import seg.optim
+
+    monkeypatch.setitem(seg.models.MODELS, "fcn4s", seg.models.fcn8s)
+    monkeypatch.setitem(seg.models.BACKBONES, "resnet34", seg.models.BACKBONES["resnet18"])
+    monkeypatch.setitem(seg.optim.OPTIMIZERS, "lion", seg.optim.OPTIMIZERS["sgd"])
+    monkeypatch.setitem(seg.optim.SCHEDULES, "step", seg.optim.SCHEDULES["constant"])
+    cfg = load_config(overrides=["model.arch=fcn4s", "model.backbone=resnet34", "optim.name=lion",
+                                 "optim.schedule=step"])
+    assert (cfg.model.arch, cfg.model.backbone, cfg.optim.name, cfg.optim.schedule) == (
+        "fcn4s", "resnet34", "lion", "step")
+    with pytest.raises(ConfigError, match="optim.name.*sgd, adam, adamw, lion"):
+        load_config(overrides=["optim.name=lamb"])
 
 
 def test_unknown_key_suggests_the_close_one(tmp_path):

@@ -84,6 +84,19 @@ def test_bad_arguments_fail_before_anything_is_logged(tmp_path: Path, args: list
     assert not (tmp_path / "mlflow.db").exists() and not (REPO / "outputs" / "escape").exists()
 
 
+def test_misspelled_arch_fails_before_a_run_is_created(tmp_path: Path) -> None:
+    config = write_config(Config(), tmp_path / "default.yaml")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = train([config, "model.arch=fcn9s", "--tracking-uri", uri], cwd=tmp_path, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    if (tmp_path / "mlflow.db").exists():
+        client = MlflowClient(uri)
+        assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+    assert "mlflow run" not in done.stdout
+    assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+    assert "model.arch" in done.stderr and "fcn9s" in done.stderr and "fcn8s" in done.stderr
+
+
 def test_missing_config_is_a_one_line_error(tmp_path: Path) -> None:
     done = train([tmp_path / "absent.yaml", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
                  cwd=tmp_path, timeout=60)

@@ -292,7 +292,6 @@ def space_from_dict(tree: Any, source: str | Path = "search space", text: str = 
 
     for param in params:
         _check_values_in_config(param, base_config, where)
-    _check_model_names(base_config, params, where)
     space = SearchSpace(name=name, base_config=base_config, params=params, budget=budget, fixed=fixed,
                         description=description, path=path, base_path=base_path, text=text,
                         runtime_keys=tuple(runtime or {}))
@@ -531,20 +530,6 @@ def _check_values_in_config(param: Param, base: Config, where: str) -> None:
             message = str(error).removeprefix(f"{where}: ")
             raise ConfigError(f"{where}: key 'space.{param.key}' allows {_show(value)}, which the config "
                               f"refuses: {message}") from None
-
-
-def _check_model_names(base: Config, params: tuple[Param, ...], where: str) -> None:
-    """Architectures and backbones must be registered (the Config holds them as plain strings)."""
-    from seg.models import BACKBONES, MODELS  # torch: only when a space is checked
-
-    for key, registry in (("model.arch", MODELS), ("model.backbone", BACKBONES)):
-        sampled = next((param for param in params if param.key == key), None)
-        values = sampled.choices if sampled else (getattr(base.model, key.split(".")[1]),)
-        for value in values:
-            if value not in registry:
-                at = f"space.{key}" if sampled else key
-                raise ConfigError(f"{where}: key '{at}' names '{value}', which is not registered; "
-                                  f"valid: {', '.join(registry)}")
 
 
 def _check_samples(space: SearchSpace, where: str) -> None:
