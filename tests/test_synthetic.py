@@ -148,7 +148,7 @@ def test_concurrent_generation_is_safe(tmp_path: Path) -> None:
 
 def test_default_root_is_in_the_repository() -> None:
     assert default_synthetic_root() == Path(seg.__file__).resolve().parents[1] / "data" / "synthetic_cityscapes"
-    assert DEFAULT_SYNTHETIC == dict(train=32, val=8, height=256, width=512, seed=0)
+    assert DEFAULT_SYNTHETIC == dict(train=320, val=64, height=128, width=256, seed=0)
 
 
 def test_script_writes_then_reports_nothing_to_do(tmp_path: Path) -> None:
