@@ -59,7 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                         help="config value for every trial, e.g. --set data.root=/data/cityscapes")
     parser.add_argument("--overlays", type=int, default=3, help="prediction overlays logged per trial")
-    parser.add_argument("--quiet", action="store_true", help="no Ray progress tables")
+    parser.add_argument("--quiet", action="store_true", help="print nothing while the search runs")
+    parser.add_argument("--verbose", action="store_true", help="Ray Tune's own progress output (every trial's "
+                                                               "config and results) instead of the short lines")
     return parser.parse_args(argv)
 
 
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
         result = run_search(space, storage=args.storage, name=name, resume=args.resume, address=args.address,
                             tracking_uri=args.tracking_uri, num_overlays=args.overlays,
-                            verbose=0 if args.quiet else 1)
+                            verbose=0 if args.quiet else 2 if args.verbose else 1)
     except SegError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 from seg.tuning import tracking
 from seg.tuning.tracking import TAG_FAILURE_REASON, TAG_FAILURE_TYPE, call, get_client, log_tags
 
-__all__ = ["TAG_TRIAL_ID", "TAG_STATE", "TAG_SEARCH_DIR", "TAG_ROLE", "STATUS_OF_STATE", "git_commit",
+__all__ = ["trial_state", "trial_run_name", "TAG_TRIAL_ID", "TAG_STATE", "TAG_SEARCH_DIR", "TAG_ROLE", "STATUS_OF_STATE", "git_commit",
            "start_search_run", "find_trial_run", "start_trial_run", "trial_runs",
            "set_trial_state", "reopen_run", "has_artifact"]
 
@@ -39,6 +39,31 @@ TAG_PARENT = "mlflow.parentRunId"
 # the MLflow status each final state ends its run with
 STATUS_OF_STATE = {"completed": "FINISHED", "early_stopped": "FINISHED", "failed": "FAILED",
                    "interrupted": "KILLED"}
+
+
+def trial_state(result: Mapping[str, Any] | None, errored: bool, max_epochs: int) -> str:
+    """A finished trial's state from its last result: failed, completed, early_stopped or interrupted."""
+    result = result or {}
+    if errored or result.get("failed"):
+        return "failed"
+    epoch = result.get("epoch") or 0
+    if epoch >= max_epochs:
+        return "completed"
+    return "early_stopped" if epoch >= 1 else "interrupted"
+
+
+def trial_run_name(config: Mapping[str, Any], defaults: Mapping[str, Any], trial_id: str) -> str:
+    """What a trial's MLflow run is called: ``fcn16s-resnet18-lr5.6e-03-a1b2c3d4``.
+
+    ``config`` holds the trial's sampled dotted keys, ``defaults`` the base config's
+    (``Config.flat_dict()``) for the keys it does not sample.
+    """
+    def value(key: str) -> Any:
+        return config.get(key, defaults.get(key))
+
+    lr = value("optim.lr")
+    lr_text = f"lr{lr:.1e}" if isinstance(lr, (int, float)) else f"lr{lr}"
+    return f"{value('model.arch')}-{value('model.backbone')}-{lr_text}-{trial_id}"
 
 
 def git_commit(repo: str) -> str:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -65,6 +66,8 @@ from ray.tune.search.optuna import OptunaSearch
 from seg.errors import ConfigError, SegError, TrackingError, WeightsNotFoundError
 from seg.paths import safe_child
 from seg.tuning import probing, runs, tracking
+from seg.tuning.progress import SearchProgress
+from seg.tuning.runs import trial_state
 from seg.tuning.space import REPO_ROOT, SearchSpace, param_value
 from seg.tuning.trainable import TrialContext, train_trial, trial_output_dir
 
@@ -161,17 +164,6 @@ class SearchResult:
         }
 
 
-def trial_state(result: Mapping[str, Any] | None, errored: bool, max_epochs: int) -> str:
-    """A finished trial's state from its last result: failed, completed, early_stopped or interrupted."""
-    result = result or {}
-    if errored or result.get("failed"):
-        return "failed"
-    epoch = result.get("epoch") or 0
-    if epoch >= max_epochs:
-        return "completed"
-    return "early_stopped" if epoch >= 1 else "interrupted"
-
-
 # --- Optuna ----------------------------------------------------------------------------------
 
 class SegOptunaSearch(OptunaSearch):
@@ -260,8 +252,10 @@ class SearchTracker(Callback):
     experiment, so it holds only plain values.
     """
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, max_epochs: int) -> None:
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, max_epochs: int,
+                 defaults: Mapping[str, Any] | None = None) -> None:
         self.tracking_uri = tracking_uri
+        self.defaults = dict(defaults or {})  # the base config's flat dict: names the runs it creates
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.max_epochs = max_epochs
@@ -305,7 +299,8 @@ class SearchTracker(Callback):
             if run is None and not create:
                 return
             run_id = run.info.run_id if run else runs.start_trial_run(
-                self.experiment_id, self.parent_run_id, trial.trial_id, str(trial), client=self.client)[0]
+                self.experiment_id, self.parent_run_id, trial.trial_id,
+                runs.trial_run_name(trial.config or {}, self.defaults, trial.trial_id), client=self.client)[0]
             action(run_id)
         except (MlflowException, OSError) as error:
             log.warning("could not update the MLflow run of trial %s (%s); the end of the search retries",
@@ -391,6 +386,10 @@ def run_search(space: SearchSpace, *, storage: str | Path | None = None, name: s
                resume: bool = False, address: str | None = None, tracking_uri: str | None = None,
                num_overlays: int = 3, verbose: int = 1) -> SearchResult:
     """Run (or with ``resume``, continue) the search ``space`` describes; see the module docstring.
+
+    ``verbose``: 0 prints nothing while the search runs, 1 a line per trial start and end
+    and a table of trials every 60 s (:class:`seg.tuning.progress.SearchProgress`), 2 Ray
+    Tune's own progress output.
 
     ``storage``: Ray's storage directory (default ``<repo>/ray_results``); the search lives
     in ``<storage>/<name>``, ``name`` defaulting to the space's name (with ``-2``, ``-3``...
@@ -517,7 +516,13 @@ def _tuner(space: SearchSpace, context: TrialContext, search_dir: Path, resume: 
         return tune.Tuner.restore(str(search_dir), trainable, resume_errored=True)
     scheduler = ASHAScheduler(time_attr="epoch", max_t=budget.max_epochs, grace_period=budget.grace_period,
                               reduction_factor=budget.reduction_factor)
-    tracker = SearchTracker(context.tracking_uri, context.experiment_id, context.parent_run_id, budget.max_epochs)
+    tracker = SearchTracker(context.tracking_uri, context.experiment_id, context.parent_run_id, budget.max_epochs,
+                            space.base_config.flat_dict())
+    callbacks: list[Callback] = [tracker]
+    if verbose == 1:
+        callbacks.append(SearchProgress(space.keys, budget.metric, budget.mode, budget.max_epochs,
+                                        budget.trials * budget.max_epochs, budget.max_failures,
+                                        decode=functools.partial(_decoded, space)))
     return tune.Tuner(
         trainable,
         # reuse_actors: a trial's process outlives it and runs the next one, saving the
@@ -525,9 +530,10 @@ def _tuner(space: SearchSpace, context: TrialContext, search_dir: Path, resume: 
         tune_config=tune.TuneConfig(metric=budget.metric, mode=budget.mode, search_alg=build_searcher(space),
                                     scheduler=scheduler, num_samples=budget.trials, reuse_actors=True,
                                     trial_dirname_creator=trial_dirname),
-        run_config=tune.RunConfig(name=search_dir.name, storage_path=str(search_dir.parent), callbacks=[tracker],
+        run_config=tune.RunConfig(name=search_dir.name, storage_path=str(search_dir.parent), callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=budget.max_failures),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=verbose),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                  verbose=1 if verbose >= 2 else 0),
     )
 
 

@@ -31,6 +31,7 @@ has not seen (an interrupted search resumes it):
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -75,6 +76,8 @@ def trial_output_dir(search_dir: str | os.PathLike, trial_id: str) -> Path:
 
 def train_trial(config: dict[str, Any], context: TrialContext) -> None:
     """Tune function trainable: train the sampled ``config`` (dotted keys) and report every epoch."""
+    # Ray logs "Checkpoint successfully created at: ..." at INFO for every report, to the driver's terminal
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     tracking.configure_mlflow(context.tracking_uri)
     client = tracking.get_client()
     tune_context = tune.get_context()
@@ -83,7 +86,8 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
     metric = space.budget.metric
 
     run_id, created = runs.start_trial_run(context.experiment_id, context.parent_run_id, trial_id,
-                                           run_name=tune_context.get_trial_name(), client=client,
+                                           run_name=runs.trial_run_name(config, space.base_config.flat_dict(),
+                                                                        trial_id), client=client,
                                            tags={"seg.search": space.name,
                                                  "seg.sampled_keys": ",".join(space.keys)})
     reported_epochs = 0
