@@ -79,3 +79,18 @@ def private_ray_tmp() -> Iterator[Path]:
     is this test's alone and leaves its session directory there."""
     with ray_tmp_dir() as path:
         yield path
+
+
+# fixtures that run a real Ray Tune search (tens of seconds each, once per module or session)
+REAL_SEARCH_FIXTURES = frozenset({"small_search", "search", "ray_cluster", "sigint_search", "sigkill_search",
+                                  "faulty"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that start services (PostgreSQL, an MLflow server, a Ray cluster) or need a real
+    search are slow too: ``pytest -m "not slow"`` leaves them out with the other tests of
+    more than ~10 s, a loop of a few minutes."""
+    for item in items:
+        needs_search = REAL_SEARCH_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if (item.get_closest_marker("services") or needs_search) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)

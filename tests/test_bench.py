@@ -44,6 +44,7 @@ def check_figures(text: str, data: dict, sections: set[str]) -> None:
         assert key in machine and f"| {key} |" in text
 
 
+@pytest.mark.slow
 def test_bench_core_parts_write_every_figure(tmp_path: Path) -> None:
     text, path, data = run_bench(
         tmp_path, "--parts", "step,loader,parallel", "--crop", "32x64", "--batch", "2", "--threads", "1",
@@ -65,6 +66,7 @@ def test_bench_core_parts_write_every_figure(tmp_path: Path) -> None:
     assert "## Summary" in text and "## 1. Training step efficiency" in text
 
 
+@pytest.mark.slow
 def test_bench_harness_and_search_parts(tmp_path: Path) -> None:
     text, _, data = run_bench(tmp_path, "--parts", "harness,search", "--quick", "--threads", "2",
                               "--harness-trials", "2", "--search-budget", "4", timeout=900)

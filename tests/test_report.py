@@ -13,6 +13,7 @@ PLOTS = ("val_miou_over_trials.png", "param_importance.png", "parallel_coordinat
          "per_class_iou.png")
 
 
+@pytest.mark.slow
 def test_report_of_a_real_search(small_search, tmp_path):
     from seg.tuning.report import connect, load_search, write_report
 

@@ -12,6 +12,7 @@ import torch
 pytest_plugins = ["search_fixture"]
 
 
+@pytest.mark.slow
 def test_retrain_the_best_trial_and_register_it(small_search, tmp_path):
     import mlflow.pytorch
 

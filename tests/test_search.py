@@ -105,6 +105,7 @@ def child_runs(search, client):
     return trial_runs(result.experiment_id, result.parent_run_id, client)
 
 
+@pytest.mark.slow
 def test_interrupted_search_resumes_without_losing_or_duplicating(search, child_runs, client):
     first, resumed, _, _ = search
     assert first.interrupted and not resumed.interrupted

@@ -111,6 +111,7 @@ def test_proc_net_decoding():
     assert decode_address("00000000000000000000000000000000") == "::"
 
 
+@pytest.mark.slow
 def test_mlflow_ui_listens_on_loopback_only(tmp_path):
     uri = create_tracking_store(tmp_path / "mlflow.db")  # ui.py refuses a missing one
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
@@ -160,6 +161,7 @@ RAY_PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_local_ray_of_a_search_listens_on_loopback_only(tmp_path, private_ray_tmp):
     # without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 Ray on Linux swaps 127.0.0.1 for the
     # machine's outward address and its gRPC servers listen on every interface
