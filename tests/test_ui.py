@@ -32,6 +32,35 @@ def test_loopback_hosts():
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.10") and not is_loopback("example.org")
 
 
+def test_the_runs_link_opens_a_saved_view_of_the_trials(fake_search, tmp_path):
+    """The runs page link names a view, saved as the UI's Share button saves one: the
+    search's trials, best first by its own objective, with metrics and params as columns."""
+    import json
+    from urllib.parse import parse_qs, urlparse
+
+    from mlflow.tracking import MlflowClient
+
+    from seg.tuning.ui import SHARED_VIEW_TAG, search_links
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = fake_search(uri, "by_loss", [[0.1, 0.3], [0.2, 0.25]], val_losses=[[0.9, 0.5], [0.8, 0.7]],
+                         sampled={"optim.lr": [0.01, 0.1], "model.arch": ["fcn8s", "fcn32s"]},
+                         budget={"metric": "val_loss", "mode": "min"})
+    client = MlflowClient(uri)
+    links = search_links(client, "http://127.0.0.1:5000", "by_loss")
+    query = parse_qs(urlparse(links.runs).fragment.partition("?")[2])
+    assert query["workflowType"] == ["machine_learning"]
+    experiment = client.get_experiment(links.experiment_id)
+    view = json.loads(experiment.tags[SHARED_VIEW_TAG + query["viewStateShareKey"][0]])
+    assert view["searchFilter"] == f"tags.`mlflow.parentRunId` = '{parent}'"
+    assert (view["orderByKey"], view["orderByAsc"]) == ("metrics.`val_loss`", True)
+    assert view["selectedColumns"][0] == "metrics.`val_loss`"
+    assert {"metrics.`val_miou`", "params.`optim.lr`", "params.`model.arch`"} <= set(view["selectedColumns"])
+    # the same view again: the same key, no second tag
+    assert search_links(client, "http://127.0.0.1:5000", "by_loss").runs == links.runs
+    assert sum(key.startswith(SHARED_VIEW_TAG) for key in client.get_experiment(links.experiment_id).tags) == 1
+
+
 def test_expected_errors_exit_2(small_search, run_script, tmp_path):
     result = run_script("ui", ["--tracking-uri", f"sqlite:///{tmp_path / 'missing.db'}"])
     assert result.code == 2 and result.error.startswith("error: no tracking store at")
@@ -49,6 +78,7 @@ def test_expected_errors_exit_2(small_search, run_script, tmp_path):
 @pytest.mark.skipif(shutil.which("chromium") is None, reason=NO_CHROMIUM)  # checked before the search runs
 @pytest.mark.skipif(importlib.util.find_spec("playwright") is None,
                     reason="the playwright package is not installed: pip install -r requirements.txt")
+@pytest.mark.slow
 def test_the_ui_shows_the_trials_and_their_metrics(small_search, tmp_path):
     from mlflow.tracking import MlflowClient
     from playwright.sync_api import sync_playwright
@@ -75,6 +105,10 @@ def test_the_ui_shows_the_trials_and_their_metrics(small_search, tmp_path):
             page.get_by_text(names[0], exact=True).first.wait_for(timeout=60_000)
             _close_assistant(page)
             page.locator('button[aria-label="Toggle sidebar"]').click()  # room for the metric and param columns
+            # the link's saved view shows the objective and the sampled params as columns, no clicks needed
+            page.get_by_text(str(best.data.metrics["val_miou"])[:6]).first.wait_for(timeout=30_000)
+            text = page.inner_text("main")
+            assert "val_miou" in text and "optim.lr" in text
             for key in ("optim.momentum", "optim.lr", "best_val_miou", "val_miou"):  # sorting shows the column
                 page.locator('[data-testid="sort-select-dropdown"]').click()
                 page.locator(f'[data-testid="sort-select-{key}"]').click()

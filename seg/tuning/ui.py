@@ -4,7 +4,8 @@
 start, ~0.5 GB), bound to loopback unless asked otherwise: the UI has no
 authentication and serves every run's artifacts. Links printed for a search:
 
-- its runs page (params and metrics as columns, expand the parent run to see trials),
+- its runs page: the trials, best first, with the objective, the other validation
+  metrics and the sampled params as columns (a saved view: see :func:`trials_view`),
 - the compare page of its trials (params and final metrics side by side, parallel
   coordinates; a metric's name opens its per-epoch curves),
 - the per-epoch val mIoU curves of its trials.
@@ -13,6 +14,7 @@ authentication and serves every run's artifacts. Links printed for a search:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import json
 import os
@@ -32,17 +34,22 @@ from urllib.parse import quote
 from mlflow.tracking import MlflowClient
 
 from seg.errors import TrackingError
-from seg.tuning.report import METRIC, sqlite_path, find_search_run
+from seg.tuning import tracking
+from seg.tuning.report import TAG_SAMPLED_KEYS, find_search_run, objective, sqlite_path
 from seg.tuning.runs import TAG_PARENT, trial_runs
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "SearchLinks", "Server", "is_loopback", "port_is_free", "free_port",
-           "search_links", "server_command", "serve"]
+           "search_links", "trials_view", "server_command", "serve"]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
 START_TIMEOUT_S = 90.0
 # the MLflow 3 UI opens experiments in its GenAI view unless told otherwise
 _WORKFLOW = "workflowType=machine_learning"
+# A view the UI's "Share" button saves: an experiment tag holding the view as JSON, opened by
+# ?viewStateShareKey=<key> (MLflow 3.17's runs page; it also reads uncompressed JSON).
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+VIEW_METRICS = ("val_miou", "val_pixel_accuracy", "val_loss", "train_loss")  # shown after the objective
 
 
 @dataclass(frozen=True)
@@ -84,25 +91,51 @@ def free_port(host: str = DEFAULT_HOST) -> int:
 def search_links(client: MlflowClient, base_url: str, search: str | None = None) -> SearchLinks:
     """Links into the UI at ``base_url`` for search ``search`` (None: the newest).
 
-    The runs page lists the search's trials (filtered on their parent run), best
-    ``val_miou`` first; the URL formats are those the MLflow 3.17 UI itself builds.
+    The runs page lists the search's trials (filtered on their parent run), best first by
+    the search's own objective, with it, the other validation metrics and the sampled
+    params as columns (:func:`trials_view`); the URL formats are those the MLflow 3.17 UI
+    itself builds.
     """
     run = find_search_run(client, search)
     experiment_id, parent_id = run.info.experiment_id, run.info.run_id
-    trials = [r.info.run_id for r in sorted(trial_runs(experiment_id, parent_id, client),
-                                            key=lambda r: r.info.start_time or 0)]
+    metric, mode = objective(run)
+    children = sorted(trial_runs(experiment_id, parent_id, client), key=lambda r: r.info.start_time or 0)
+    trials = [r.info.run_id for r in children]
+    keys = list(dict.fromkeys(key for child in children
+                              for key in child.data.tags.get(TAG_SAMPLED_KEYS, "").split(",") if key))
     base = base_url.rstrip("/")
-    trials_filter = quote(f"tags.`{TAG_PARENT}` = '{parent_id}'")
-    runs = (f"{base}/#/experiments/{experiment_id}/runs?{_WORKFLOW}&searchFilter={trials_filter}"
-            f"&orderByKey={quote(f'metrics.`{METRIC}`')}&orderByAsc=false")
+    view = trials_view(client, experiment_id, parent_id, metric, mode, keys)
+    runs = f"{base}/#/experiments/{experiment_id}/runs?{_WORKFLOW}&viewStateShareKey={view}"
     if not trials:
         return SearchLinks(experiment_id, runs, None, None)
-    ids, experiments, metric = _json_param(trials), _json_param([experiment_id]), _json_param(METRIC)
-    curves = (f"{base}/#/metric?runs={ids}&metric={metric}&experiments={experiments}"
-              f"&plot_metric_keys={_json_param([METRIC])}&plot_layout=%7B%7D&x_axis=step&y_axis_scale=linear"
+    ids, experiments, metric_json = _json_param(trials), _json_param([experiment_id]), _json_param(metric)
+    curves = (f"{base}/#/metric?runs={ids}&metric={metric_json}&experiments={experiments}"
+              f"&plot_metric_keys={_json_param([metric])}&plot_layout=%7B%7D&x_axis=step&y_axis_scale=linear"
               f"&line_smoothness=1&show_point=true&deselected_curves=%5B%5D&last_linear_y_axis_range=%5B%5D")
     return SearchLinks(experiment_id, runs, compare=f"{base}/#/compare-runs?runs={ids}&experiments={experiments}",
                        curves=curves)
+
+
+def trials_view(client: MlflowClient, experiment_id: str, parent_id: str, metric: str, mode: str,
+                keys: Sequence[str]) -> str:
+    """Save the runs page's view of a search's trials as the UI's "Share" button does; return its key.
+
+    The view: the trials of parent run ``parent_id``, ordered by ``metric`` (best first for
+    ``mode``), with ``metric``, the other validation metrics and the sampled ``keys`` as
+    columns. It is an experiment tag ``mlflow.sharedViewState.<key>`` holding the view as
+    JSON; the key is a hash of it, so showing the same view twice writes one tag.
+    """
+    metrics = [metric, *(name for name in VIEW_METRICS if name != metric)]
+    view = {
+        "searchFilter": f"tags.`{TAG_PARENT}` = '{parent_id}'",
+        "orderByKey": f"metrics.`{metric}`",
+        "orderByAsc": mode == "min",
+        "selectedColumns": [f"metrics.`{name}`" for name in metrics] + [f"params.`{key}`" for key in keys],
+    }
+    text = json.dumps(view, sort_keys=True)
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    tracking.call(client.set_experiment_tag, experiment_id, f"{SHARED_VIEW_TAG}{key}", text)
+    return key
 
 
 def server_command(tracking_uri: str, host: str, port: int) -> list[str]:
