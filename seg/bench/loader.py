@@ -1,6 +1,6 @@
 """Part ``loader``: the data pipeline against what training consumes.
 
-Measured for the synthetic set (256x512 PNGs) and for full-size 2048x1024 PNGs written
+Measured for the embedded synthetic set (``DEFAULT_SYNTHETIC``: 128x256 PNGs) and for full-size 2048x1024 PNGs written
 into a temporary directory, at the benchmark's batch and crop:
 
 * the train loader of ``seg.data.cityscapes.build_dataloaders`` alone (decode, augment,
@@ -39,6 +39,7 @@ from seg.bench.report import Figure, Section, Table
 from seg.bench.step import bench_config, model_name
 from seg.config import IGNORE_INDEX, Config
 from seg.data.labels import CHECKED_TRAIN_ID_LUT, TRAIN_ID_LUT, UNDEFINED_LABEL_ID, VALID_LABEL_ID_MASK
+from seg.data.synthetic import DEFAULT_SYNTHETIC
 from seg.data.transforms import RandomScaleCrop
 from seg.probe import probe, torch_threads, train_step
 
@@ -60,7 +61,8 @@ def run_loader_part(device: torch.device, threads: int, *, crop=(256, 512), batc
     consumed = batch / step_seconds
     log(f"[loader] training {name}: {step_seconds:.3f} s/step = {consumed:.2f} samples/s consumed")
 
-    datasets: list[tuple[str, str | None]] = [("synthetic 256x512", None)]
+    datasets: list[tuple[str, str | None]] = [
+        (f"synthetic {DEFAULT_SYNTHETIC['height']}x{DEFAULT_SYNTHETIC['width']}", None)]
     temporary = None
     if full_size:
         from seg.data.synthetic import write_synthetic_cityscapes
