@@ -57,9 +57,9 @@ from typing import Any
 
 import optuna
 import yaml
+from optuna.trial import TrialState as OptunaState
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from optuna.trial import TrialState
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
@@ -67,8 +67,13 @@ from seg.errors import ConfigError, SegError, TrackingError, WeightsNotFoundErro
 from seg.paths import safe_child
 from seg.tuning import probing, runs, tracking
 from seg.tuning.progress import SearchProgress
-from seg.tuning.runs import trial_state
-from seg.tuning.space import REPO_ROOT, SearchSpace, param_value
+from seg.tuning.records import (BASE_CONFIG_ARTIFACT, CHECKPOINTS_ARTIFACT, FINAL_STATES, PROBE_FILE, SCORED_STATES,
+                                SEARCH_RECORD, SPACE_COPY, SPACE_PICKLE, SUMMARY_FILE, TAG_BEST_RUN_ID,
+                                TAG_BEST_TRIAL_ID, TAG_EPOCHS, TAG_FAILURE_REASON, TAG_GIT_COMMIT, TAG_LAST_ERROR,
+                                TAG_METRIC, TAG_MLFLOW_GIT_COMMIT, TAG_MLFLOW_NOTE, TAG_MODE, TAG_RESUMED,
+                                TAG_RETRIES, TAG_SEARCH, TAG_SEED, TAG_SPACE_FILE, TAG_STATE, TAG_TRIAL_ID,
+                                TAG_TRIALS_FAILED, TAG_TRIALS_RANKED, State, optuna_state, param_value, trial_state)
+from seg.tuning.space import REPO_ROOT, SearchSpace
 from seg.tuning.trainable import TrialContext, train_trial, trial_output_dir
 
 __all__ = ["SEARCH_RECORD", "SUMMARY_FILE", "PROBE_FILE", "SearchResult", "TrialSummary", "SegOptunaSearch",
@@ -76,13 +81,6 @@ __all__ = ["SEARCH_RECORD", "SUMMARY_FILE", "PROBE_FILE", "SearchResult", "Trial
            "default_storage"]
 
 log = logging.getLogger(__name__)
-
-SEARCH_RECORD = "search.json"  # written when a search starts; read by --resume
-SPACE_PICKLE = "search_space.pkl"  # the validated space the trials use, for --resume
-SPACE_COPY = "search_space.yaml"
-SUMMARY_FILE = "summary.json"
-PROBE_FILE = "probe.json"  # the memory probe's results, an artifact of the parent run
-FINAL_STATES = ("completed", "early_stopped", "failed")
 
 
 def default_storage() -> Path:
@@ -94,7 +92,7 @@ class TrialSummary:
     """One trial, as ranked at the end of a search."""
 
     trial_id: str
-    state: str  # completed, early_stopped, failed, interrupted
+    state: State  # completed, early_stopped, failed, interrupted
     rank: int | None = None  # None: not ranked (failed or interrupted)
     best: float = math.nan  # best value of the search metric over the trial's epochs
     best_epoch: int = 0
@@ -214,14 +212,9 @@ class SegOptunaSearch(OptunaSearch):
         if result and not error:
             # the result that made the scheduler stop the trial reaches only this method
             self._record(trial_id, result)
-        state = trial_state(result, error, self._max_epochs)
-        ot_trial = self._ot_trials[trial_id]
-        if state == "completed" and trial_id in self._best:
-            self._ot_study.tell(ot_trial, self._best[trial_id], state=TrialState.COMPLETE)
-        elif state == "early_stopped" or (state == "failed" and not error and (result or {}).get("failed")):
-            self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
-        else:
-            self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+        told = optuna_state(trial_state(result, error, self._max_epochs), error, trial_id in self._best)
+        value = self._best[trial_id] if told == OptunaState.COMPLETE else None  # Optuna takes none otherwise
+        self._ot_study.tell(self._ot_trials[trial_id], value, state=told)
         self._completed_trials.add(trial_id)
 
 
@@ -272,7 +265,7 @@ class SearchTracker(Callback):
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._safely(trial, lambda run_id: tracking.log_tags(
-            run_id, {"retries": trial.num_failures, "last_error": _error_reason(trial)}, self.client))
+            run_id, {TAG_RETRIES: trial.num_failures, TAG_LAST_ERROR: _error_reason(trial)}, self.client))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
@@ -280,16 +273,16 @@ class SearchTracker(Callback):
         self._finish(trial, state, result.get("failure_reason"))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, "failed", _error_reason(trial))
+        self._finish(trial, State.FAILED, _error_reason(trial))
 
-    def _finish(self, trial: Any, state: str, reason: str | None) -> None:
+    def _finish(self, trial: Any, state: State, reason: str | None) -> None:
         epochs = (trial.last_result or {}).get("epoch", 0)
 
         def end(run_id: str) -> None:
             run = tracking.call(self.client.get_run, run_id)
-            if run.data.tags.get(runs.TAG_STATE) == state and run.info.status != "RUNNING":
+            if run.data.tags.get(TAG_STATE) == state and run.info.status != "RUNNING":
                 return  # the trial recorded it itself
-            runs.set_trial_state(run_id, state, reason=reason, extra_tags={"epochs": epochs}, client=self.client)
+            runs.set_trial_state(run_id, state, reason=reason, extra_tags={TAG_EPOCHS: epochs}, client=self.client)
 
         self._safely(trial, end, create=True)
 
@@ -431,7 +424,7 @@ def run_search(space: SearchSpace, *, storage: str | Path | None = None, name: s
     ray_started = False
     try:
         if resume:
-            tracking.log_tags(parent_run_id, {"state": "running", "resumed": int(time.time())}, client)
+            tracking.log_tags(parent_run_id, {TAG_STATE: State.RUNNING, TAG_RESUMED: int(time.time())}, client)
             # runs left RUNNING by a killed driver are interrupted until their trial resumes and reopens them
             _sweep(experiment_id, parent_run_id, {}, client)
         else:
@@ -554,7 +547,7 @@ def _summarise(space: SearchSpace, search_dir: Path, grid: Any, experiment_id: s
     (an error, a reported failure, or all epochs done).
     """
     budget = space.budget
-    by_trial = {run.data.tags.get(runs.TAG_TRIAL_ID): run
+    by_trial = {run.data.tags.get(TAG_TRIAL_ID): run
                 for run in runs.trial_runs(experiment_id, parent_run_id, client)}
     summaries = []
     for result in grid:
@@ -568,16 +561,16 @@ def _summarise(space: SearchSpace, search_dir: Path, grid: Any, experiment_id: s
         history = _history(result)
         by_epoch = {int(row["epoch"]): row for row in history
                     if _finite(row.get("epoch")) and row["epoch"] >= 1 and not _finite(row.get("failed"))}
-        if tags.get(runs.TAG_STATE) in FINAL_STATES:
-            state, reason = tags[runs.TAG_STATE], tags.get(tracking.TAG_FAILURE_REASON)
-        elif result.error is not None:
-            state, reason = "failed", _exception_reason(result.error)
-        elif last.get("failed"):
-            state, reason = "failed", last.get("failure_reason")
-        elif max(by_epoch, default=0) >= budget.max_epochs:
-            state, reason = "completed", None
+        if tags.get(TAG_STATE) in FINAL_STATES:
+            state, reason = State(tags[TAG_STATE]), tags.get(TAG_FAILURE_REASON)
         else:
-            state, reason = "interrupted", None
+            state = trial_state({"epoch": max(by_epoch, default=0), "failed": last.get("failed")},
+                                result.error is not None, budget.max_epochs)
+            if state == State.EARLY_STOPPED:
+                state = State.INTERRUPTED  # stopped by the scheduler or by Ctrl-C: only a final tag tells
+            reason = None
+            if state == State.FAILED:
+                reason = _exception_reason(result.error) if result.error is not None else last.get("failure_reason")
         sampled = result.config or last.get("config") or {}
         if not sampled and run is not None:  # a trial that never reported: its run has the params
             sampled = {key: param_value(key, run.data.params[key]) for key in space.keys if key in run.data.params}
@@ -600,12 +593,12 @@ def _summarise(space: SearchSpace, search_dir: Path, grid: Any, experiment_id: s
         summaries.append(summary)
 
     sign = -1 if budget.mode == "max" else 1
-    ranked = sorted((s for s in summaries if s.state in ("completed", "early_stopped") and math.isfinite(s.best)),
+    ranked = sorted((s for s in summaries if s.state in SCORED_STATES and math.isfinite(s.best)),
                     key=lambda s: (sign * s.best, -s.epochs, s.trial_id))
     for rank, summary in enumerate(ranked, 1):
         summary.rank = rank
     others = sorted((s for s in summaries if s.rank is None), key=lambda s: (s.state, s.trial_id))
-    interrupted = any(s.state == "interrupted" for s in summaries) or len(summaries) < budget.trials
+    interrupted = any(s.state == State.INTERRUPTED for s in summaries) or len(summaries) < budget.trials
     return ranked + others, interrupted
 
 
@@ -625,9 +618,9 @@ def _finish_stopped_trials(summaries: list[TrialSummary], experiment_id: str, pa
                            num_overlays: int, client: Any) -> None:
     """Overlays and ``best.pt`` for trials the scheduler stopped (their process could not log them)."""
     for summary in summaries:
-        if summary.state != "early_stopped" or not summary.run_id or not summary.checkpoint:
+        if summary.state != State.EARLY_STOPPED or not summary.run_id or not summary.checkpoint:
             continue
-        if runs.has_artifact(summary.run_id, "checkpoints/best.pt", client):
+        if runs.has_artifact(summary.run_id, f"{CHECKPOINTS_ARTIFACT}/best.pt", client):
             continue
         directory = Path(summary.checkpoint).parent
         logger = tracking.MlflowEpochLogger(summary.run_id, client=client, num_overlays=num_overlays,
@@ -643,8 +636,8 @@ def _delete_lost_runs(experiment_id: str, parent_run_id: str, trial_ids: set[str
     their configurations again under new ids. Tagged ``lost`` and deleted (MLflow keeps
     deleted runs restorable), so each configuration has one run."""
     for run in runs.trial_runs(experiment_id, parent_run_id, client):
-        if run.data.tags.get(runs.TAG_TRIAL_ID) not in trial_ids:
-            tracking.log_tags(run.info.run_id, {runs.TAG_STATE: "lost", tracking.TAG_FAILURE_REASON:
+        if run.data.tags.get(TAG_TRIAL_ID) not in trial_ids:
+            tracking.log_tags(run.info.run_id, {TAG_STATE: State.LOST, TAG_FAILURE_REASON:
                                                 "the search's driver was killed before Ray recorded this trial; "
                                                 "its configuration was sampled again on --resume"}, client)
             if run.info.status == "RUNNING":
@@ -662,25 +655,25 @@ def _drop_last_checkpoints(search_dir: Path, summaries: list[TrialSummary]) -> N
             shutil.rmtree(directory / "report", ignore_errors=True)
 
 
-def _sweep(experiment_id: str, parent_run_id: str, states: Mapping[str, tuple[str, str | None]],
+def _sweep(experiment_id: str, parent_run_id: str, states: Mapping[str, tuple[State, str | None]],
            client: Any) -> None:
     """End every child run still RUNNING: with its trial's state if known, else ``interrupted``."""
     for run in runs.trial_runs(experiment_id, parent_run_id, client):
-        trial_id = run.data.tags.get(runs.TAG_TRIAL_ID)
-        state, reason = states.get(trial_id, ("interrupted", None))
-        if run.info.status == "RUNNING" or (trial_id in states and run.data.tags.get(runs.TAG_STATE) != state):
-            if state == "interrupted" and run.info.status != "RUNNING":
+        trial_id = run.data.tags.get(TAG_TRIAL_ID)
+        state, reason = states.get(trial_id, (State.INTERRUPTED, None))
+        if run.info.status == "RUNNING" or (trial_id in states and run.data.tags.get(TAG_STATE) != state):
+            if state == State.INTERRUPTED and run.info.status != "RUNNING":
                 continue
             runs.set_trial_state(run.info.run_id, state, reason=reason, client=client)
 
 
 def _close_parent(result: SearchResult, client: Any) -> None:
     best = result.best
-    tags = {"state": "interrupted" if result.interrupted else "completed",
-            "trials_ranked": sum(t.rank is not None for t in result.trials),
-            "trials_failed": sum(t.state == "failed" for t in result.trials)}
+    tags = {TAG_STATE: State.INTERRUPTED if result.interrupted else State.COMPLETED,
+            TAG_TRIALS_RANKED: sum(t.rank is not None for t in result.trials),
+            TAG_TRIALS_FAILED: sum(t.state == State.FAILED for t in result.trials)}
     if best:
-        tags.update({"best_trial_id": best.trial_id, "best_run_id": best.run_id or ""})
+        tags.update({TAG_BEST_TRIAL_ID: best.trial_id, TAG_BEST_RUN_ID: best.run_id or ""})
         tracking.log_metrics(result.parent_run_id, {f"best_{result.metric}": best.best}, step=0, client=client)
     tracking.log_tags(result.parent_run_id, tags, client)
     tracking.call(client.log_artifact, result.parent_run_id, str(result.summary_path))
@@ -692,7 +685,7 @@ def _abort(experiment_id: str, parent_run_id: str, error: BaseException, client:
     status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
     try:
         _sweep(experiment_id, parent_run_id, {}, client)
-        tracking.log_tags(parent_run_id, {"state": "interrupted" if status == "KILLED" else "failed"}, client)
+        tracking.log_tags(parent_run_id, {TAG_STATE: State.INTERRUPTED if status == "KILLED" else State.FAILED}, client)
         tracking.end_run(parent_run_id, status, None if status == "KILLED" else error, client)
     except Exception as cleanup_error:  # noqa: BLE001 - the original error is the one to report
         log.warning("could not close the MLflow runs of the search: %s", cleanup_error)
@@ -824,9 +817,10 @@ def _absolute_uri(uri: str) -> str:
 
 def _search_tags(space: SearchSpace, search_dir: Path) -> dict[str, Any]:
     commit = runs.git_commit(str(REPO_ROOT))
-    return {"seg.search": space.name, "seg.space_file": str(space.path), "state": "running",
-            "git_commit": commit, "mlflow.source.git.commit": commit, "seed": space.budget.seed, "metric": space.budget.metric, "mode": space.budget.mode,
-            "mlflow.note.content": space.description or f"Search {space.name}: {len(space.params)} sampled fields"}
+    return {TAG_SEARCH: space.name, TAG_SPACE_FILE: str(space.path), TAG_STATE: State.RUNNING,
+            TAG_GIT_COMMIT: commit, TAG_MLFLOW_GIT_COMMIT: commit, TAG_SEED: space.budget.seed,
+            TAG_METRIC: space.budget.metric, TAG_MODE: space.budget.mode,
+            TAG_MLFLOW_NOTE: space.description or f"Search {space.name}: {len(space.params)} sampled fields"}
 
 
 def _log_search_params(run_id: str, space: SearchSpace, client: Any) -> None:
@@ -842,7 +836,7 @@ def _log_search_params(run_id: str, space: SearchSpace, client: Any) -> None:
     if space.text:
         tracking.call(client.log_text, run_id, space.text, SPACE_COPY)
     tracking.call(client.log_text, run_id, yaml.safe_dump(space.base_config.to_dict(), sort_keys=False),
-                  "base_config.yaml")
+                  BASE_CONFIG_ARTIFACT)
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -32,8 +32,9 @@ from urllib.parse import quote
 from mlflow.tracking import MlflowClient
 
 from seg.errors import TrackingError
+from seg.tuning.records import TAG_PARENT
 from seg.tuning.report import METRIC, sqlite_path, find_search_run
-from seg.tuning.runs import TAG_PARENT, trial_runs
+from seg.tuning.runs import trial_runs
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "SearchLinks", "Server", "is_loopback", "port_is_free", "free_port",
            "search_links", "server_command", "serve"]
