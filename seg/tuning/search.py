@@ -55,24 +55,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import optuna
 import yaml
-from optuna.trial import TrialState as OptunaState
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
-from ray.tune.search.optuna import OptunaSearch
 
 from seg.errors import ConfigError, SegError, TrackingError, WeightsNotFoundError
 from seg.paths import safe_child
 from seg.tuning import probing, runs, tracking
 from seg.tuning.progress import SearchProgress
+from seg.tuning.searcher import SegOptunaSearch, build_searcher
 from seg.tuning.records import (BASE_CONFIG_ARTIFACT, CHECKPOINTS_ARTIFACT, FINAL_STATES, PROBE_FILE, SCORED_STATES,
                                 SEARCH_RECORD, SPACE_COPY, SPACE_PICKLE, SUMMARY_FILE, TAG_BEST_RUN_ID,
                                 TAG_BEST_TRIAL_ID, TAG_EPOCHS, TAG_FAILURE_REASON, TAG_GIT_COMMIT, TAG_LAST_ERROR,
                                 TAG_METRIC, TAG_MLFLOW_GIT_COMMIT, TAG_MLFLOW_NOTE, TAG_MODE, TAG_RESUMED,
                                 TAG_RETRIES, TAG_SEARCH, TAG_SEED, TAG_SPACE_FILE, TAG_STATE, TAG_TRIAL_ID,
-                                TAG_TRIALS_FAILED, TAG_TRIALS_RANKED, State, optuna_state, param_value, trial_state)
+                                TAG_TRIALS_FAILED, TAG_TRIALS_RANKED, State, param_value, trial_state)
 from seg.tuning.space import REPO_ROOT, SearchSpace
 from seg.tuning.trainable import TrialContext, train_trial, trial_output_dir
 
@@ -160,75 +158,6 @@ class SearchResult:
             "best": _jsonable(dataclasses.asdict(best)) if best else None,
             "trials": [_jsonable(dataclasses.asdict(trial)) for trial in self.trials],
         }
-
-
-# --- Optuna ----------------------------------------------------------------------------------
-
-class SegOptunaSearch(OptunaSearch):
-    """Ray's OptunaSearch, telling Optuna what really became of each trial.
-
-    Ray's version tells COMPLETE with the last reported value whatever happened: a NaN
-    makes ``study.tell`` raise, which it logs and ignores, so a diverged trial stays
-    RUNNING in the study for good (and the constant liar keeps avoiding its region as if
-    it were still running); an errored trial that had reported counts as COMPLETE. Here
-    a trial that finished all epochs is COMPLETE with its best value, one stopped by the
-    scheduler is PRUNED (TPE ranks it by its last intermediate value), and so is one that
-    failed because of its parameters (diverged, impossible config: the trial reported
-    ``failed``): TPE ranks pruned trials below every completed one, so it learns to avoid
-    that region. As FAIL, TPE would ignore it and keep sampling there: in the benchmark's
-    synthetic searches (8 seeds) 83 of 223 TPE trials diverged that way, 18 of 181 after.
-    A crash (an error, which says nothing about the parameters) or a never-started trial
-    is FAIL. Intermediate values are reported per epoch, NaN skipped. ``initial`` points
-    are enqueued (keys left out are sampled).
-    """
-
-    def __init__(self, *args: Any, initial: tuple[Mapping[str, Any], ...] = (), max_epochs: int,
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._max_epochs = max_epochs
-        self._best: dict[str, float] = {}
-        self._reported: dict[str, int] = {}
-        for point in initial:
-            self._ot_study.enqueue_trial(dict(point))
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-            return
-        self._record(trial_id, result)
-
-    def _record(self, trial_id: str, result: dict) -> None:
-        value, epoch = result.get(self.metric), result.get("epoch")
-        if value is None or epoch is None or not math.isfinite(value) or epoch <= self._reported.get(trial_id, 0):
-            return
-        best = self._best.get(trial_id)
-        if best is None or (value > best if self.mode == "max" else value < best):
-            self._best[trial_id] = value
-        self._reported[trial_id] = epoch
-        self._ot_trials[trial_id].report(value, epoch)
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-            return
-        if result and not error:
-            # the result that made the scheduler stop the trial reaches only this method
-            self._record(trial_id, result)
-        told = optuna_state(trial_state(result, error, self._max_epochs), error, trial_id in self._best)
-        value = self._best[trial_id] if told == OptunaState.COMPLETE else None  # Optuna takes none otherwise
-        self._ot_study.tell(self._ot_trials[trial_id], value, state=told)
-        self._completed_trials.add(trial_id)
-
-
-def build_searcher(space: SearchSpace):
-    """The search algorithm: seeded multivariate TPE with the constant liar, concurrency-limited."""
-    from ray.tune.search import ConcurrencyLimiter
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    budget = space.budget
-    sampler = optuna.samplers.TPESampler(seed=budget.seed, multivariate=True, constant_liar=True,
-                                         n_startup_trials=budget.tpe_startup_trials)
-    searcher = SegOptunaSearch(space.distributions(), metric=budget.metric, mode=budget.mode,
-                                      sampler=sampler, initial=space.initial, max_epochs=budget.max_epochs)
-    return ConcurrencyLimiter(searcher, max_concurrent=budget.concurrency)
 
 
 # --- the driver-side callback ----------------------------------------------------------------
