@@ -57,22 +57,21 @@ from typing import Any
 
 import yaml
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from seg.errors import ConfigError, SegError, TrackingError, WeightsNotFoundError
 from seg.paths import safe_child
 from seg.tuning import probing, runs, tracking
 from seg.tuning.progress import SearchProgress
-from seg.tuning.searcher import SegOptunaSearch, build_searcher
 from seg.tuning.records import (BASE_CONFIG_ARTIFACT, CHECKPOINTS_ARTIFACT, FINAL_STATES, PROBE_FILE, SCORED_STATES,
                                 SEARCH_RECORD, SPACE_COPY, SPACE_PICKLE, SUMMARY_FILE, TAG_BEST_RUN_ID,
-                                TAG_BEST_TRIAL_ID, TAG_EPOCHS, TAG_FAILURE_REASON, TAG_GIT_COMMIT, TAG_LAST_ERROR,
-                                TAG_METRIC, TAG_MLFLOW_GIT_COMMIT, TAG_MLFLOW_NOTE, TAG_MODE, TAG_RESUMED,
-                                TAG_RETRIES, TAG_SEARCH, TAG_SEED, TAG_SPACE_FILE, TAG_STATE, TAG_TRIAL_ID,
-                                TAG_TRIALS_FAILED, TAG_TRIALS_RANKED, State, param_value, trial_state)
+                                TAG_BEST_TRIAL_ID, TAG_FAILURE_REASON, TAG_GIT_COMMIT, TAG_METRIC, TAG_MLFLOW_GIT_COMMIT,
+                                TAG_MLFLOW_NOTE, TAG_MODE, TAG_RESUMED, TAG_SEARCH, TAG_SEED, TAG_SPACE_FILE, TAG_STATE,
+                                TAG_TRIAL_ID, TAG_TRIALS_FAILED, TAG_TRIALS_RANKED, State, param_value, trial_state)
+from seg.tuning.searcher import SegOptunaSearch, build_searcher
 from seg.tuning.space import REPO_ROOT, SearchSpace
 from seg.tuning.trainable import TrialContext, train_trial, trial_output_dir
+from seg.tuning.tracker import SearchTracker, exception_reason
 
 __all__ = ["SEARCH_RECORD", "SUMMARY_FILE", "PROBE_FILE", "SearchResult", "TrialSummary", "SegOptunaSearch",
            "SearchTracker", "run_search", "start_ray", "build_searcher", "trial_state", "trial_dirname",
@@ -158,96 +157,6 @@ class SearchResult:
             "best": _jsonable(dataclasses.asdict(best)) if best else None,
             "trials": [_jsonable(dataclasses.asdict(trial)) for trial in self.trials],
         }
-
-
-# --- the driver-side callback ----------------------------------------------------------------
-
-class SearchTracker(Callback):
-    """Ends each trial's MLflow run with its final state, from wherever Tune runs.
-
-    A trial's own process cannot be relied on for this: a scheduler stop may end it
-    before any ``finally`` runs, and a crash may kill it. The state tags it writes are
-    what :func:`run_search` reads back to tell an early-stopped trial from an interrupted
-    one, which also works when Tune runs on a cluster's head (Ray Client). Failures to
-    reach the tracking store are logged, not raised (they must not stop the search); the
-    sweep at the end of the search catches up. Tune pickles this object with the
-    experiment, so it holds only plain values.
-    """
-
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, max_epochs: int,
-                 defaults: Mapping[str, Any] | None = None) -> None:
-        self.tracking_uri = tracking_uri
-        self.defaults = dict(defaults or {})  # the base config's flat dict: names the runs it creates
-        self.experiment_id = experiment_id
-        self.parent_run_id = parent_run_id
-        self.max_epochs = max_epochs
-        self._client = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_client": None}
-
-    @property
-    def client(self) -> MlflowClient:
-        if self._client is None:
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
-        return self._client
-
-    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._safely(trial, lambda run_id: tracking.log_tags(
-            run_id, {TAG_RETRIES: trial.num_failures, TAG_LAST_ERROR: _error_reason(trial)}, self.client))
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        result = trial.last_result or {}
-        state = trial_state(result, False, self.max_epochs)
-        self._finish(trial, state, result.get("failure_reason"))
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, State.FAILED, _error_reason(trial))
-
-    def _finish(self, trial: Any, state: State, reason: str | None) -> None:
-        epochs = (trial.last_result or {}).get("epoch", 0)
-
-        def end(run_id: str) -> None:
-            run = tracking.call(self.client.get_run, run_id)
-            if run.data.tags.get(TAG_STATE) == state and run.info.status != "RUNNING":
-                return  # the trial recorded it itself
-            runs.set_trial_state(run_id, state, reason=reason, extra_tags={TAG_EPOCHS: epochs}, client=self.client)
-
-        self._safely(trial, end, create=True)
-
-    def _safely(self, trial: Any, action: Any, create: bool = False) -> None:
-        try:
-            run = runs.find_trial_run(self.experiment_id, self.parent_run_id, trial.trial_id, self.client)
-            if run is None and not create:
-                return
-            run_id = run.info.run_id if run else runs.start_trial_run(
-                self.experiment_id, self.parent_run_id, trial.trial_id,
-                runs.trial_run_name(trial.config or {}, self.defaults, trial.trial_id), client=self.client)[0]
-            action(run_id)
-        except (MlflowException, OSError) as error:
-            log.warning("could not update the MLflow run of trial %s (%s); the end of the search retries",
-                        trial.trial_id, error)
-
-
-def _exception_reason(error: BaseException) -> str:
-    """``ExceptionType: message`` of the original exception inside Ray's wrappers."""
-    cause = getattr(error, "cause", None) or error
-    return f"{type(cause).__name__}: {cause}"[:2000]
-
-
-def _error_reason(trial: Any) -> str:
-    """``ExceptionType: message`` of the trial's latest error, from Tune's error files."""
-    import cloudpickle
-
-    path = trial.pickled_error_file
-    if path and os.path.isfile(path):
-        with open(path, "rb") as file:
-            return _exception_reason(cloudpickle.load(file))
-    path = trial.error_file
-    if path and os.path.isfile(path):
-        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
-        return lines[-1][:2000] if lines else "unknown error"
-    return "unknown error (no error file)"
 
 
 # --- Ray --------------------------------------------------------------------------------------
@@ -499,7 +408,7 @@ def _summarise(space: SearchSpace, search_dir: Path, grid: Any, experiment_id: s
                 state = State.INTERRUPTED  # stopped by the scheduler or by Ctrl-C: only a final tag tells
             reason = None
             if state == State.FAILED:
-                reason = _exception_reason(result.error) if result.error is not None else last.get("failure_reason")
+                reason = exception_reason(result.error) if result.error is not None else last.get("failure_reason")
         sampled = result.config or last.get("config") or {}
         if not sampled and run is not None:  # a trial that never reported: its run has the params
             sampled = {key: param_value(key, run.data.params[key]) for key in space.keys if key in run.data.params}
