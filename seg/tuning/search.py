@@ -1,32 +1,35 @@
 """``run_search``: a Ray Tune search with Optuna's TPE and ASHA, tracked in MLflow, resumable.
 
-The pieces, in the order a search meets them:
+This module runs a search from start to end: Ray's lifecycle, the Tuner, resume. The
+pieces, in the order a search meets them:
 
-1. Checks that need no cluster, before Ray starts: the space (``seg.tuning.space``), the
-   data set (resolved to an absolute path and opened, so a bad root fails here),
-   pretrained weights where asked for, a GPU where ``gpus_per_trial`` asks for one, and the
-   memory probe (``seg.tuning.probing``, ``budget.probe``): one training step of each
-   (arch, backbone) at the largest batch and crop, in a fresh process; what cannot fit is
-   refused, and ``gpus_per_trial: auto`` becomes the share of a GPU at which the largest
-   trials fit together. The probe's results are the parent run's ``probe.json``.
+1. Checks that need no cluster, before Ray starts (``seg.tuning.preflight``): the space
+   (``seg.tuning.space``), the data set (resolved to an absolute path and opened, so a
+   bad root fails here), pretrained weights where asked for, a GPU where
+   ``gpus_per_trial`` asks for one, and the memory probe (``seg.tuning.probing``,
+   ``budget.probe``): one training step of each (arch, backbone) at the largest batch and
+   crop, in a fresh process; what cannot fit is refused, and ``gpus_per_trial: auto``
+   becomes the share of a GPU at which the largest trials fit together. The probe's
+   results are the parent run's ``probe.json``.
 2. MLflow: the experiment (named after the space) and the search's parent run (budget,
    seed and git commit as params and tags, the space file and the base config as
-   artifacts). ``<storage>/<name>/search.json`` records its id for ``--resume``.
+   artifacts). ``<storage>/<name>/search.json`` records its id for ``--resume``. The names
+   of every tag and file are ``seg.tuning.records``'.
 3. Ray: a local instance (no dashboard, bound to 127.0.0.1, usage stats off, as many CPUs
    as the budget needs) unless ``address`` joins a cluster. Workers get absolute paths
    and the tracking URI through the trial context and ``runtime_env``.
-4. Tune: :class:`SegOptunaSearch` (seeded multivariate TPE with the constant liar) in a
-   ``ConcurrencyLimiter`` (without one Tune runs one trial at a time), ASHA on
-   ``budget.metric`` with ``epoch`` as its clock, ``FailureConfig(max_failures)`` for
-   crashes, the newest checkpoint kept per trial, reused trial processes, and
-   :class:`SearchTracker`, the callback that ends each trial's MLflow run with its state.
-   The trials themselves log params, per-epoch metrics and artifacts
-   (``seg.tuning.trainable``): each process writes its own run, and the tracking
-   helpers retry while SQLite is locked.
-5. After ``fit``: overlays and ``best.pt`` for trials the scheduler stopped, a sweep that
-   leaves no run RUNNING, the ranked trials, ``<storage>/<name>/summary.json``, and the
-   parent run's final status (KILLED when interrupted). An exception (a second Ctrl-C)
-   sweeps too before it propagates.
+4. Tune: :class:`SegOptunaSearch` (``seg.tuning.searcher``: seeded multivariate TPE with
+   the constant liar) in a ``ConcurrencyLimiter`` (without one Tune runs one trial at a
+   time), ASHA on ``budget.metric`` with ``epoch`` as its clock,
+   ``FailureConfig(max_failures)`` for crashes, the newest checkpoint kept per trial,
+   reused trial processes, and :class:`SearchTracker` (``seg.tuning.tracker``), the
+   callback that ends each trial's MLflow run with its state. The trials themselves log
+   params, per-epoch metrics and artifacts (``seg.tuning.trainable``): each process writes
+   its own run, and the tracking helpers retry while SQLite is locked.
+5. After ``fit`` (``seg.tuning.results``): overlays and ``best.pt`` for trials the
+   scheduler stopped, a sweep that leaves no run RUNNING, the ranked trials,
+   ``<storage>/<name>/summary.json``, and the parent run's final status (KILLED when
+   interrupted). An exception (a second Ctrl-C) sweeps too before it propagates.
 
 A resumed search (``Tuner.restore(resume_errored=True)``) continues the same Ray
 experiment, Optuna study and MLflow runs: the parent run comes from ``search.json``, a
@@ -53,13 +56,19 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import ray
 import yaml
+from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
+from ray import tune
+from ray._private import ray_constants
 from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler
 
-from seg.errors import ConfigError, TrackingError, WeightsNotFoundError
+from seg.errors import ConfigError, TrackingError
 from seg.paths import safe_child
-from seg.tuning import probing, runs, tracking
+from seg.tuning import runs, tracking
+from seg.tuning.preflight import check_tracking_server, checked_space
 from seg.tuning.progress import SearchProgress
 from seg.tuning.records import (BASE_CONFIG_ARTIFACT, PROBE_FILE, SEARCH_RECORD, SPACE_COPY, SPACE_PICKLE, SUMMARY_FILE,
                                 TAG_GIT_COMMIT, TAG_METRIC, TAG_MLFLOW_GIT_COMMIT, TAG_MLFLOW_NOTE, TAG_MODE, TAG_RESUMED,
@@ -97,8 +106,6 @@ def start_ray(num_cpus: int | None = None, address: str | None = None,
     Returns whether this call started Ray (then the caller shuts it down). Does nothing
     when Ray is already initialised in this process.
     """
-    import ray
-
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     # Tune warns each time a checkpoint forces an experiment snapshot, which
     # CheckpointConfig(num_to_keep=1) does on purpose at every epoch
@@ -127,8 +134,6 @@ def start_ray(num_cpus: int | None = None, address: str | None = None,
         # on every interface; in its single-machine mode (the default on macOS and Windows)
         # it keeps loopback. The environment variable reaches the processes ray.init starts,
         # the constant this one, which has imported Ray already.
-        from ray._private import ray_constants
-
         os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
         ray_constants.ENABLE_RAY_CLUSTER = False
         # "local": a new instance even when $RAY_ADDRESS names a cluster (that takes --address)
@@ -166,13 +171,11 @@ def run_search(space: SearchSpace, *, storage: str | Path | None = None, name: s
     else:
         search_dir = _new_search_dir(storage, name or space.name, explicit=name is not None)
         record = {}
-    space = _with_checked_data(space)
-    _check_resources(space, address)
-    space, probe_report = probing.check_memory(space, address)
+    space, probe_report = checked_space(space, address)
 
     tracking_uri = tracking.configure_mlflow(_absolute_uri(tracking_uri or tracking.default_tracking_uri()))
     client = tracking.get_client()
-    _check_tracking_server(tracking_uri)
+    check_tracking_server(tracking_uri)
     try:
         if resume:
             experiment_id, parent_run_id = record["experiment_id"], record["parent_run_id"]
@@ -230,8 +233,6 @@ def run_search(space: SearchSpace, *, storage: str | Path | None = None, name: s
         raise
     finally:
         if ray_started:
-            import ray
-
             ray.shutdown()
 
 
@@ -263,9 +264,6 @@ def _write_record(search_dir: Path, space: SearchSpace, tracking_uri: str, exper
 
 
 def _tuner(space: SearchSpace, context: TrialContext, search_dir: Path, resume: bool, verbose: int):
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
     budget = space.budget
     trainable = tune.with_resources(tune.with_parameters(train_trial, context=context),
                                     {"cpu": budget.cpus_per_trial, "gpu": budget.gpus_per_trial})
@@ -299,76 +297,7 @@ def trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-# --- before Ray ------------------------------------------------------------------------------
-
-def _with_checked_data(space: SearchSpace) -> SearchSpace:
-    """The space with absolute ``data.root`` and ``model.weights``, after checking that both
-    data splits open (DataError) and that pretrained weights are on disk (WeightsNotFoundError)."""
-    from seg.data.cityscapes import CityscapesSegmentation, resolve_data_root
-
-    cfg = space.base_config
-    root = resolve_data_root(cfg.data.root)
-    for split in (cfg.data.train_split, cfg.data.val_split):
-        CityscapesSegmentation(root, split)
-    settings: dict[str, Any] = {"data.root": str(root)}
-    if cfg.model.weights is not None:
-        weights = Path(cfg.model.weights).expanduser().absolute()
-        if not weights.is_file():
-            raise WeightsNotFoundError(f"{space.source}: model.weights {weights} does not exist")
-        settings["model.weights"] = str(weights)
-    else:
-        _check_imagenet_weights(space)
-    return dataclasses.replace(space, base_config=cfg.with_overrides(settings))
-
-
-def _check_imagenet_weights(space: SearchSpace) -> None:
-    """Every backbone a trial may pretrain must have its ImageNet weights in the torch hub cache."""
-    from seg.models.backbones import imagenet_weights_path
-
-    def values(key: str, default: Any) -> tuple:
-        param = next((p for p in space.params if p.key == key), None)
-        return param.choices if param else (default,)
-
-    if True not in values("model.pretrained", space.base_config.model.pretrained):
-        return
-    for backbone in values("model.backbone", space.base_config.model.backbone):
-        path = imagenet_weights_path(backbone)
-        if not path.is_file():
-            raise WeightsNotFoundError(f"{space.source}: model.pretrained needs torchvision's ImageNet weights "
-                                       f"of {backbone} at {path} (no download is attempted): put the file there, "
-                                       f"set model.weights, or set model.pretrained=false")
-
-
-def _check_resources(space: SearchSpace, address: str | None) -> None:
-    budget = space.budget
-    # gpus_per_trial: auto needs no GPU (none: CPU trials); probing.check_memory resolves it
-    if address is None and budget.gpus_per_trial != "auto" and budget.gpus_per_trial > 0:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{space.source}: budget.gpus_per_trial is {budget.gpus_per_trial}, but this "
-                              f"machine has no GPU: set gpus_per_trial: 0, or --address a cluster with GPUs")
-    if address is None and budget.concurrency * budget.cpus_per_trial > (os.cpu_count() or 1):
-        log.warning("budget: %d concurrent trials x %s CPUs exceeds this machine's %d cores; trials will "
-                    "share cores", budget.concurrency, budget.cpus_per_trial, os.cpu_count())
-
-
-def _check_tracking_server(uri: str) -> None:
-    """An http(s) tracking URI must answer now (MLflow's own client retries for minutes)."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10):
-            pass
-    except urllib.error.HTTPError:
-        return  # it answered (e.g. 401 without credentials, or no /health behind a proxy)
-    except (urllib.error.URLError, OSError) as error:
-        raise TrackingError(f"cannot reach the MLflow tracking server {uri} ({error}): start it, or pass "
-                            f"another --tracking-uri (default: a SQLite file in the repository)") from None
-
+# --- the search directory and its parent run ----------------------------------------------
 
 def _new_search_dir(storage: Path, name: str, explicit: bool) -> Path:
     path = safe_child(storage, name, "--name")
@@ -383,8 +312,6 @@ def _new_search_dir(storage: Path, name: str, explicit: bool) -> Path:
 
 def _existing_search_dir(storage: Path, name: str, explicit: bool) -> Path:
     """``<storage>/<name>`` if ``explicit``, else the newest of ``<name>``, ``<name>-2``, ``<name>-3``..."""
-    from ray import tune
-
     if explicit:
         candidates = [safe_child(storage, name, "--name")]
     else:
@@ -432,8 +359,6 @@ def _search_tags(space: SearchSpace, search_dir: Path) -> dict[str, Any]:
 
 
 def _log_search_params(run_id: str, space: SearchSpace, client: Any) -> None:
-    from mlflow.entities import Param
-
     params = {f"budget.{key}": value for key, value in dataclasses.asdict(space.budget).items()}
     params.update({f"space.{param.key}": param.describe() for param in space.params})
     params.update({f"fixed.{key}": value for key, value in space.fixed.items()})
