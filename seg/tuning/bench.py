@@ -418,7 +418,7 @@ def search_once(method: str, seed: int, base: Config, budget: int, max_epochs: i
             state = "diverged"
             spent += 1  # the epoch it diverged in was trained
             curve.append((spent, best))
-            # as the search does (seg.tuning.search.SegOptunaSearch): pruned, which TPE ranks
+            # as the search does (seg.tuning.searcher.SegOptunaSearch): pruned, which TPE ranks
             # below every completed trial; FAIL would be ignored and the region sampled again
             study.tell(trial, state=TrialState.PRUNED)
         finally:

@@ -19,12 +19,11 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Mapping
 from typing import Any, TextIO
 
 from ray.tune import Callback
 
-from seg.tuning.runs import trial_state
+from seg.tuning.records import State, trial_state
 
 __all__ = ["SearchProgress", "format_value"]
 
@@ -79,7 +78,7 @@ class SearchProgress(Callback):
     # --- Tune's hooks ---------------------------------------------------------------------
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         row = self._row(trial)
-        row["state"] = "running"
+        row["state"] = State.RUNNING
         params = ", ".join(f"{self.names[key]} {row[key]}" for key in self.keys if key in row)
         self._print(f"trial {trial.trial_id} started: {params}")
 
@@ -103,13 +102,13 @@ class SearchProgress(Callback):
         state = trial_state(result, False, self.max_epochs)
         self._row(trial)["state"] = state
         epochs = self._epochs.get(trial.trial_id, 0)
-        if state == "failed":
+        if state == State.FAILED:
             self._print(f"trial {trial.trial_id} failed after {_epochs(epochs)}: {result.get('failure_reason')}")
             return
         row = self._row(trial)
         value, best = row.get(self.metric), row.get("best")
         shown = f"{self.metric} {value:.4f} (best {best:.4f})" if _finite(value) else f"no {self.metric}"
-        ending = f"completed {_epochs(epochs)}" if state == "completed" else f"{state} after {_epochs(epochs)}"
+        ending = f"completed {_epochs(epochs)}" if state == State.COMPLETED else f"{state} after {_epochs(epochs)}"
         self._print(f"trial {trial.trial_id} {ending}: {shown}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

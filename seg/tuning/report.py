@@ -49,9 +49,11 @@ from seg.config import Config, config_from_dict
 from seg.data.labels import CLASS_NAMES
 from seg.errors import SegError, TrackingError
 from seg.tuning import tracking
-from seg.tuning.runs import TAG_ROLE, TAG_STATE, TAG_TRIAL_ID, trial_runs
-from seg.tuning.space import METRICS, SearchSpace, field_hints, param_value, space_from_dict
-from seg.tuning.tracking import TAG_FAILURE_REASON
+from seg.tuning.records import (BASE_CONFIG_ARTIFACT, CONFIG_ARTIFACT, SPACE_COPY, TAG_FAILURE_REASON, TAG_ROLE,
+                                TAG_SAMPLED_KEYS, TAG_STATE, TAG_TRIAL_ID, Role, State, field_hints, param_value)
+from seg.tuning.records import SCORED_STATES as FINISHED_STATES  # trials with a score
+from seg.tuning.runs import trial_runs
+from seg.tuning.space import METRICS, SearchSpace, space_from_dict
 
 __all__ = ["METRIC", "MODE", "FINISHED_STATES", "MIN_TRIALS_FOR_IMPORTANCE", "TOP_CURVES", "Trial", "Search", "connect",
            "sqlite_path", "find_search_run", "objective", "load_search", "config_from_run", "param_value",
@@ -60,12 +62,8 @@ __all__ = ["METRIC", "MODE", "FINISHED_STATES", "MIN_TRIALS_FOR_IMPORTANCE", "TO
 # the objective of a search whose parent run records none (see objective())
 METRIC = "val_miou"
 MODE = "max"  # higher is better
-FINISHED_STATES = ("completed", "early_stopped")  # trials with a score
 MIN_TRIALS_FOR_IMPORTANCE = 3
 TOP_CURVES = 5
-SPACE_ARTIFACT = "search_space.yaml"  # logged to the parent run by seg.tuning.search
-BASE_ARTIFACT = "base_config.yaml"
-TAG_SAMPLED_KEYS = "seg.sampled_keys"  # on each trial run
 
 
 @dataclass(frozen=True)
@@ -195,7 +193,7 @@ def find_search_run(client: MlflowClient, name: str | None = None) -> Run:
         raise TrackingError(f"the tracking store {client.tracking_uri} holds no experiment: run a search first "
                             f"(scripts/tune.py SPACE.yaml)")
     ids = [e.experiment_id for e in experiments]
-    is_search = f"tags.`{TAG_ROLE}` = 'search'"
+    is_search = f"tags.`{TAG_ROLE}` = '{Role.SEARCH}'"
     if name is None:
         runs = _search_runs(client, ids, is_search, max_results=1)
         if not runs:
@@ -204,7 +202,7 @@ def find_search_run(client: MlflowClient, name: str | None = None) -> Run:
     if re.fullmatch(r"[0-9a-f]{32}", name):
         with contextlib.suppress(MlflowException):
             run = tracking.call(client.get_run, name)
-            if run.data.tags.get(TAG_ROLE) == "search":
+            if run.data.tags.get(TAG_ROLE) == Role.SEARCH:
                 return run
     runs = _search_runs(client, ids, f"{is_search} and attributes.run_name = '{_quoted(name)}'", max_results=1)
     if not runs:
@@ -235,7 +233,7 @@ def load_search(client: MlflowClient, name: str | None = None) -> Search:
     experiment = tracking.call(client.get_experiment, run.info.experiment_id)
     metric, mode = objective(run)
     children = [child for child in trial_runs(run.info.experiment_id, run.info.run_id, client)
-                if child.data.tags.get(TAG_ROLE, "trial") == "trial"]
+                if child.data.tags.get(TAG_ROLE, Role.TRIAL) == Role.TRIAL]
     trials = tuple(sorted((_trial(client, child, metric, mode) for child in children),
                           key=lambda t: (t.start_time, t.name)))
     space = _logged_space(client, run)
@@ -252,7 +250,7 @@ def config_from_run(client: MlflowClient, run: Run) -> Config:
     source = f"run {run.info.run_id}"
     with tempfile.TemporaryDirectory() as directory:
         try:
-            path = tracking.call(client.download_artifacts, run.info.run_id, "config.yaml", directory)
+            path = tracking.call(client.download_artifacts, run.info.run_id, CONFIG_ARTIFACT, directory)
         except (MlflowException, OSError):
             path = None
         if path is not None:
@@ -402,7 +400,10 @@ def _search_runs(client: MlflowClient, experiment_ids: list[str], filter_string:
 def _trial(client: MlflowClient, run: Run, metric: str, mode: str) -> Trial:
     tags = run.data.tags
     history = {m.step: m.value for m in tracking.call(client.get_metric_history, run.info.run_id, metric)}
-    state = tags.get(TAG_STATE) or {"FINISHED": "completed", "FAILED": "failed"}.get(run.info.status, "running")
+    # a run without a state tag (not a search's trial, or one that never started): its MLflow status tells
+    # what it can; this reads a record back, so it is not seg.tuning.records.trial_state
+    state = tags.get(TAG_STATE) or {"FINISHED": State.COMPLETED, "FAILED": State.FAILED}.get(run.info.status,
+                                                                                              State.RUNNING)
     return Trial(run_id=run.info.run_id, name=run.info.run_name or run.info.run_id[:8],
                  trial_id=tags.get(TAG_TRIAL_ID, ""), state=state, reason=tags.get(TAG_FAILURE_REASON, ""),
                  params=dict(run.data.params), metrics=dict(run.data.metrics), history=history,
@@ -416,16 +417,17 @@ def _logged_space(client: MlflowClient, run: Run) -> SearchSpace | None:
         listed = {item.path for item in tracking.call(client.list_artifacts, run.info.run_id)}
     except (MlflowException, OSError):
         return None
-    if SPACE_ARTIFACT not in listed:
+    if SPACE_COPY not in listed:
         return None
     with tempfile.TemporaryDirectory() as directory:
         try:
-            path = Path(tracking.call(client.download_artifacts, run.info.run_id, SPACE_ARTIFACT, directory))
+            path = Path(tracking.call(client.download_artifacts, run.info.run_id, SPACE_COPY, directory))
             text = path.read_text()
             tree = yaml.safe_load(text)
-            if BASE_ARTIFACT in listed and isinstance(tree, dict):
+            if BASE_CONFIG_ARTIFACT in listed and isinstance(tree, dict):
                 # the base as the search resolved it (the file it named may have moved since)
-                tree["base"] = tracking.call(client.download_artifacts, run.info.run_id, BASE_ARTIFACT, directory)
+                tree["base"] = tracking.call(client.download_artifacts, run.info.run_id, BASE_CONFIG_ARTIFACT,
+                                             directory)
             return space_from_dict(tree, source=path, text=text)
         except (SegError, MlflowException, OSError, yaml.YAMLError):
             return None
@@ -496,7 +498,7 @@ def _plot_over_trials(search: Search) -> Any:
         if trial.has_score:
             best = trial.score if math.isnan(best) else keep(best, trial.score)
         running.append(best)
-    styles = {"completed": ("o", "tab:blue"), "early_stopped": ("s", "tab:orange")}
+    styles = {State.COMPLETED: ("o", "tab:blue"), State.EARLY_STOPPED: ("s", "tab:orange")}
     for state, (marker, colour) in styles.items():
         points = [(n, t.score) for n, t in zip(order, search.trials) if t.state == state and t.has_score]
         if points:

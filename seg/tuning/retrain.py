@@ -53,14 +53,15 @@ from seg.errors import ConfigError, TrackingError
 from seg.tuning import tracking
 from seg.tuning.report import (METRIC, MODE, Search, Trial, config_from_run, load_search, log_report,
                                markdown_table)
-from seg.tuning.runs import TAG_PARENT, TAG_ROLE, git_commit
+from seg.tuning.records import (TAG_GIT_COMMIT, TAG_MLFLOW_GIT_COMMIT, TAG_PARENT, TAG_ROLE, TAG_SEED,
+                                TAG_SPACE_FILE, Role)
+from seg.tuning.runs import git_commit
 
 __all__ = ["CONFIDENCE", "SeedRun", "Candidate", "RetrainResult", "lower_confidence_bound", "select_sources",
            "retrain", "train_val_root", "register_model", "seed_robust_table", "model_name_for"]
 
 CONFIDENCE = 0.95
 NUM_OVERLAYS = 3
-TAG_SPACE_FILE = "seg.space_file"  # on the parent run of a search
 TRAIN_VAL_SPLIT = "train_val"  # the split --train-val trains on
 REGISTRY_ATOL = 1e-4  # max |logit difference| between the registered model and the checkpoint
 
@@ -156,7 +157,7 @@ def select_sources(client: MlflowClient, search_name: str | None = None, run_id:
     except MlflowException:
         raise TrackingError(f"no run with id '{run_id}' in {client.tracking_uri}") from None
     parent = run.data.tags.get(TAG_PARENT)
-    if parent is None or run.data.tags.get(TAG_ROLE) != "trial":
+    if parent is None or run.data.tags.get(TAG_ROLE) != Role.TRIAL:
         raise TrackingError(f"run {run_id} is not a trial of a search (no seg.role=trial tag and parent run): "
                             f"pass the run id of a trial (a child run of a search)")
     search = load_search(client, parent)
@@ -184,11 +185,11 @@ def retrain(client: MlflowClient, search: Search, trials: Sequence[Trial], *, se
     commit = git_commit(str(tracking.REPO_ROOT))
     space_file = search.run.data.tags.get(TAG_SPACE_FILE, "")
     lineage = {"source_search": search.name, "source_search_run_id": search.run_id,
-               "search_space_file": space_file, "git_commit": commit, "mlflow.source.git.commit": commit}
+               "search_space_file": space_file, TAG_GIT_COMMIT: commit, TAG_MLFLOW_GIT_COMMIT: commit}
     seed_lists = {t.run_id: list(seeds) if seeds else [configs[t.run_id].train.seed] for t in trials}
     parent_name = f"retrain-{trials[0].name}" if len(trials) == 1 else f"retrain-top{len(trials)}"
     parent_id = tracking.start_run(search.experiment_id, run_name=parent_name, client=client, tags={
-        **lineage, TAG_ROLE: "retrain", "source_trial_run_ids": ",".join(t.run_id for t in trials),
+        **lineage, TAG_ROLE: Role.RETRAIN, "source_trial_run_ids": ",".join(t.run_id for t in trials),
         "seeds": " ".join(map(str, sorted({s for v in seed_lists.values() for s in v}))),
         "train_val": str(train_val)})
     work = work / parent_id
@@ -349,8 +350,8 @@ def train_val_root(root: Path, train_split: str, val_split: str, out: Path) -> P
 def _train_seed(client: MlflowClient, search: Search, trial: Trial, cfg: Config, seed: int, parent_id: str,
                 lineage: Mapping[str, str], train_val: bool, out_dir: Path) -> SeedRun:
     run_id = tracking.start_run(search.experiment_id, run_name=f"{trial.name}-seed{seed}", parent_run_id=parent_id,
-                                client=client, tags={**lineage, TAG_ROLE: "retrain_seed", "source_trial": trial.name,
-                                                     "source_trial_run_id": trial.run_id, "seed": seed,
+                                client=client, tags={**lineage, TAG_ROLE: Role.RETRAIN_SEED, "source_trial": trial.name,
+                                                     "source_trial_run_id": trial.run_id, TAG_SEED: seed,
                                                      "train_val": str(train_val)})
     started = time.perf_counter()
     result = tracking.tracked_fit(cfg, out_dir, run_id, client=client, num_overlays=0)

@@ -7,12 +7,10 @@ trial continues the runs it already has instead of duplicating them:
 - a trial's run is found by its parent and its Ray trial id (tags ``mlflow.parentRunId``
   and ``trial_id``).
 
-A trial's run carries a ``state`` tag: ``running``, then ``completed`` (all epochs),
-``early_stopped`` (stopped by the scheduler), ``failed`` (with ``failure_reason``) or
-``interrupted`` (the search stopped before the trial finished; a resumed search reopens it).
-A run whose trial Ray forgot (a driver killed before Ray's next snapshot) ends ``lost``
-and is deleted (restorable from MLflow's trash).
-Builds on ``seg.tuning.tracking`` (its client calls retry while SQLite is locked).
+A trial's run carries a ``state`` tag (``seg.tuning.records.State``): ``running`` until
+the trial ends, then its final state, with the matching MLflow status. The tag and state
+names are ``seg.tuning.records``'; the calls build on ``seg.tuning.tracking`` (its client
+calls retry while SQLite is locked).
 """
 
 from __future__ import annotations
@@ -25,31 +23,14 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from seg.tuning import tracking
-from seg.tuning.tracking import TAG_FAILURE_REASON, TAG_FAILURE_TYPE, call, get_client, log_tags
+from seg.tuning.records import (STATUS_OF_STATE, TAG_FAILURE_REASON, TAG_FAILURE_TYPE, TAG_PARENT, TAG_ROLE,
+                                TAG_SEARCH_DIR, TAG_STATE, TAG_TRIAL_ID, Role, State, trial_state)
+from seg.tuning.tracking import call, get_client, log_tags
 
+# the records' names re-exported here are those older code and tests import from this module
 __all__ = ["trial_state", "trial_run_name", "TAG_TRIAL_ID", "TAG_STATE", "TAG_SEARCH_DIR", "TAG_ROLE", "STATUS_OF_STATE", "git_commit",
            "start_search_run", "find_trial_run", "start_trial_run", "trial_runs",
            "set_trial_state", "reopen_run", "has_artifact"]
-
-TAG_TRIAL_ID = "trial_id"
-TAG_STATE = "state"
-TAG_SEARCH_DIR = "seg.search_dir"
-TAG_ROLE = "seg.role"
-TAG_PARENT = "mlflow.parentRunId"
-# the MLflow status each final state ends its run with
-STATUS_OF_STATE = {"completed": "FINISHED", "early_stopped": "FINISHED", "failed": "FAILED",
-                   "interrupted": "KILLED"}
-
-
-def trial_state(result: Mapping[str, Any] | None, errored: bool, max_epochs: int) -> str:
-    """A finished trial's state from its last result: failed, completed, early_stopped or interrupted."""
-    result = result or {}
-    if errored or result.get("failed"):
-        return "failed"
-    epoch = result.get("epoch") or 0
-    if epoch >= max_epochs:
-        return "completed"
-    return "early_stopped" if epoch >= 1 else "interrupted"
 
 
 def trial_run_name(config: Mapping[str, Any], defaults: Mapping[str, Any], trial_id: str) -> str:
@@ -86,7 +67,7 @@ def start_search_run(experiment_id: str, search_dir: str, run_name: str, tags: M
     directory (:func:`reopen_run`) instead of calling this.
     """
     return tracking.start_run(experiment_id, run_name=run_name, client=client,
-                              tags={**tags, TAG_SEARCH_DIR: search_dir, TAG_ROLE: "search"})
+                              tags={**tags, TAG_SEARCH_DIR: search_dir, TAG_ROLE: Role.SEARCH})
 
 
 def find_trial_run(experiment_id: str, parent_run_id: str, trial_id: str,
@@ -102,11 +83,11 @@ def start_trial_run(experiment_id: str, parent_run_id: str, trial_id: str, run_n
     existing = find_trial_run(experiment_id, parent_run_id, trial_id, client)
     if existing is not None:
         reopen_run(existing.info.run_id, client)
-        log_tags(existing.info.run_id, {TAG_STATE: "running"}, client)
+        log_tags(existing.info.run_id, {TAG_STATE: State.RUNNING}, client)
         return existing.info.run_id, False
     run_id = tracking.start_run(experiment_id, run_name=run_name, parent_run_id=parent_run_id, client=client,
-                                tags={**(tags or {}), TAG_TRIAL_ID: trial_id, TAG_ROLE: "trial",
-                                      TAG_STATE: "running"})
+                                tags={**(tags or {}), TAG_TRIAL_ID: trial_id, TAG_ROLE: Role.TRIAL,
+                                      TAG_STATE: State.RUNNING})
     return run_id, True
 
 
@@ -123,7 +104,7 @@ def trial_runs(experiment_id: str, parent_run_id: str, client: MlflowClient | No
             return runs
 
 
-def set_trial_state(run_id: str, state: str, reason: str | None = None, failure_type: str | None = None,
+def set_trial_state(run_id: str, state: State, reason: str | None = None, failure_type: str | None = None,
                     extra_tags: Mapping[str, Any] | None = None, client: MlflowClient | None = None) -> None:
     """Tag the run with its final ``state`` (and reason) and end it with the matching status."""
     client = get_client(client)

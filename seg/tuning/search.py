@@ -1,32 +1,35 @@
 """``run_search``: a Ray Tune search with Optuna's TPE and ASHA, tracked in MLflow, resumable.
 
-The pieces, in the order a search meets them:
+This module runs a search from start to end: Ray's lifecycle, the Tuner, resume. The
+pieces, in the order a search meets them:
 
-1. Checks that need no cluster, before Ray starts: the space (``seg.tuning.space``), the
-   data set (resolved to an absolute path and opened, so a bad root fails here),
-   pretrained weights where asked for, a GPU where ``gpus_per_trial`` asks for one, and the
-   memory probe (``seg.tuning.probing``, ``budget.probe``): one training step of each
-   (arch, backbone) at the largest batch and crop, in a fresh process; what cannot fit is
-   refused, and ``gpus_per_trial: auto`` becomes the share of a GPU at which the largest
-   trials fit together. The probe's results are the parent run's ``probe.json``.
+1. Checks that need no cluster, before Ray starts (``seg.tuning.preflight``): the space
+   (``seg.tuning.space``), the data set (resolved to an absolute path and opened, so a
+   bad root fails here), pretrained weights where asked for, a GPU where
+   ``gpus_per_trial`` asks for one, and the memory probe (``seg.tuning.probing``,
+   ``budget.probe``): one training step of each (arch, backbone) at the largest batch and
+   crop, in a fresh process; what cannot fit is refused, and ``gpus_per_trial: auto``
+   becomes the share of a GPU at which the largest trials fit together. The probe's
+   results are the parent run's ``probe.json``.
 2. MLflow: the experiment (named after the space) and the search's parent run (budget,
    seed and git commit as params and tags, the space file and the base config as
-   artifacts). ``<storage>/<name>/search.json`` records its id for ``--resume``.
+   artifacts). ``<storage>/<name>/search.json`` records its id for ``--resume``. The names
+   of every tag and file are ``seg.tuning.records``'.
 3. Ray: a local instance (no dashboard, bound to 127.0.0.1, usage stats off, as many CPUs
    as the budget needs) unless ``address`` joins a cluster. Workers get absolute paths
    and the tracking URI through the trial context and ``runtime_env``.
-4. Tune: :class:`SegOptunaSearch` (seeded multivariate TPE with the constant liar) in a
-   ``ConcurrencyLimiter`` (without one Tune runs one trial at a time), ASHA on
-   ``budget.metric`` with ``epoch`` as its clock, ``FailureConfig(max_failures)`` for
-   crashes, the newest checkpoint kept per trial, reused trial processes, and
-   :class:`SearchTracker`, the callback that ends each trial's MLflow run with its state.
-   The trials themselves log params, per-epoch metrics and artifacts
-   (``seg.tuning.trainable``): each process writes its own run, and the tracking
-   helpers retry while SQLite is locked.
-5. After ``fit``: overlays and ``best.pt`` for trials the scheduler stopped, a sweep that
-   leaves no run RUNNING, the ranked trials, ``<storage>/<name>/summary.json``, and the
-   parent run's final status (KILLED when interrupted). An exception (a second Ctrl-C)
-   sweeps too before it propagates.
+4. Tune: :class:`SegOptunaSearch` (``seg.tuning.searcher``: seeded multivariate TPE with
+   the constant liar) in a ``ConcurrencyLimiter`` (without one Tune runs one trial at a
+   time), ASHA on ``budget.metric`` with ``epoch`` as its clock,
+   ``FailureConfig(max_failures)`` for crashes, the newest checkpoint kept per trial,
+   reused trial processes, and :class:`SearchTracker` (``seg.tuning.tracker``), the
+   callback that ends each trial's MLflow run with its state. The trials themselves log
+   params, per-epoch metrics and artifacts (``seg.tuning.trainable``): each process writes
+   its own run, and the tracking helpers retry while SQLite is locked.
+5. After ``fit`` (``seg.tuning.results``): overlays and ``best.pt`` for trials the
+   scheduler stopped, a sweep that leaves no run RUNNING, the ranked trials,
+   ``<storage>/<name>/summary.json``, and the parent run's final status (KILLED when
+   interrupted). An exception (a second Ctrl-C) sweeps too before it propagates.
 
 A resumed search (``Tuner.restore(resume_errored=True)``) continues the same Ray
 experiment, Optuna study and MLflow runs: the parent run comes from ``search.json``, a
@@ -45,31 +48,38 @@ import math
 import os
 import pickle
 import re
-import shutil
 import signal
 import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import optuna
+import ray
 import yaml
+from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
-from optuna.trial import TrialState
+from ray import tune
+from ray._private import ray_constants
 from ray.tune import Callback
-from ray.tune.search.optuna import OptunaSearch
+from ray.tune.schedulers import ASHAScheduler
 
-from seg.errors import ConfigError, SegError, TrackingError, WeightsNotFoundError
+from seg.errors import ConfigError, TrackingError
 from seg.paths import safe_child
-from seg.tuning import probing, runs, tracking
+from seg.tuning import runs, tracking
+from seg.tuning.preflight import check_tracking_server, checked_space
 from seg.tuning.progress import SearchProgress
-from seg.tuning.runs import trial_state
-from seg.tuning.space import REPO_ROOT, SearchSpace, param_value
-from seg.tuning.trainable import TrialContext, train_trial, trial_output_dir
+from seg.tuning.records import (BASE_CONFIG_ARTIFACT, PROBE_FILE, SEARCH_RECORD, SPACE_COPY, SPACE_PICKLE, SUMMARY_FILE,
+                                TAG_GIT_COMMIT, TAG_METRIC, TAG_MLFLOW_GIT_COMMIT, TAG_MLFLOW_NOTE, TAG_MODE, TAG_RESUMED,
+                                TAG_SEARCH, TAG_SEED, TAG_SPACE_FILE, TAG_STATE, State, trial_state)
+from seg.tuning.records import param_value as param_value  # imported from here by older code and tests
+from seg.tuning.results import (SearchResult, TrialSummary, abort, close_parent, delete_lost_runs,
+                                drop_last_checkpoints, finish_stopped_trials, sampled_values, summarise, sweep)
+from seg.tuning.searcher import SegOptunaSearch, build_searcher
+from seg.tuning.space import REPO_ROOT, SearchSpace
+from seg.tuning.trainable import TrialContext, train_trial
+from seg.tuning.tracker import SearchTracker
 
 __all__ = ["SEARCH_RECORD", "SUMMARY_FILE", "PROBE_FILE", "SearchResult", "TrialSummary", "SegOptunaSearch",
            "SearchTracker", "run_search", "start_ray", "build_searcher", "trial_state", "trial_dirname",
@@ -77,255 +87,11 @@ __all__ = ["SEARCH_RECORD", "SUMMARY_FILE", "PROBE_FILE", "SearchResult", "Trial
 
 log = logging.getLogger(__name__)
 
-SEARCH_RECORD = "search.json"  # written when a search starts; read by --resume
-SPACE_PICKLE = "search_space.pkl"  # the validated space the trials use, for --resume
-SPACE_COPY = "search_space.yaml"
-SUMMARY_FILE = "summary.json"
-PROBE_FILE = "probe.json"  # the memory probe's results, an artifact of the parent run
-FINAL_STATES = ("completed", "early_stopped", "failed")
+_summarise = summarise  # its name before seg.tuning.results; tests import it from here
 
 
 def default_storage() -> Path:
     return REPO_ROOT / "ray_results"
-
-
-@dataclass
-class TrialSummary:
-    """One trial, as ranked at the end of a search."""
-
-    trial_id: str
-    state: str  # completed, early_stopped, failed, interrupted
-    rank: int | None = None  # None: not ranked (failed or interrupted)
-    best: float = math.nan  # best value of the search metric over the trial's epochs
-    best_epoch: int = 0
-    epochs: int = 0  # epochs completed
-    params: dict[str, Any] = field(default_factory=dict)  # sampled values, as config values
-    config: dict[str, Any] = field(default_factory=dict)  # the trial's full Config.to_dict()
-    run_id: str | None = None
-    failure_reason: str | None = None
-    train_seconds: float = 0.0  # sum of the trial's epoch times
-    trial_seconds: float = 0.0  # Tune's time_total_s (setup and reporting included)
-    checkpoint: str | None = None  # the trial's best.pt
-
-
-@dataclass
-class SearchResult:
-    """What a search produced; ``summary_path`` holds the same as JSON."""
-
-    name: str
-    search_dir: Path
-    experiment_id: str
-    parent_run_id: str
-    tracking_uri: str
-    metric: str
-    mode: str
-    trials: list[TrialSummary]  # ranked ones first, best first
-    interrupted: bool
-    wall_seconds: float
-    concurrency: int
-    summary_path: Path | None = None
-    # where the wall time went: checks (space, data, MLflow parent run), ray (start or
-    # join), tune (Tuner.fit: every trial), finish (artifacts of stopped trials, sweep, summary)
-    phases: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def best(self) -> TrialSummary | None:
-        return next((trial for trial in self.trials if trial.rank == 1), None)
-
-    @property
-    def train_seconds(self) -> float:
-        return sum(trial.train_seconds for trial in self.trials)
-
-    def table(self, max_params: int = 10):
-        """The ranked trials as a pandas DataFrame (one column per sampled key)."""
-        import pandas as pd
-
-        keys = list(dict.fromkeys(key for trial in self.trials for key in trial.params))[:max_params]
-        short = _short_names(keys)
-        rows = []
-        for trial in self.trials:
-            row = {"rank": trial.rank if trial.rank is not None else "-", "trial": trial.trial_id,
-                   "state": trial.state, f"{self.metric} (best)": trial.best, "epochs": trial.epochs}
-            row.update({short[key]: _cell(trial.params.get(key)) for key in keys})
-            row["train s"] = round(trial.train_seconds, 1)
-            rows.append(row)
-        return pd.DataFrame(rows)
-
-    def to_dict(self) -> dict[str, Any]:
-        best = self.best
-        return {
-            "name": self.name, "search_dir": str(self.search_dir), "experiment_id": self.experiment_id,
-            "parent_run_id": self.parent_run_id, "tracking_uri": self.tracking_uri, "metric": self.metric,
-            "mode": self.mode, "interrupted": self.interrupted, "wall_seconds": round(self.wall_seconds, 2),
-            "train_seconds": round(self.train_seconds, 2), "concurrency": self.concurrency,
-            "phases": {key: round(value, 2) for key, value in self.phases.items()},
-            "best": _jsonable(dataclasses.asdict(best)) if best else None,
-            "trials": [_jsonable(dataclasses.asdict(trial)) for trial in self.trials],
-        }
-
-
-# --- Optuna ----------------------------------------------------------------------------------
-
-class SegOptunaSearch(OptunaSearch):
-    """Ray's OptunaSearch, telling Optuna what really became of each trial.
-
-    Ray's version tells COMPLETE with the last reported value whatever happened: a NaN
-    makes ``study.tell`` raise, which it logs and ignores, so a diverged trial stays
-    RUNNING in the study for good (and the constant liar keeps avoiding its region as if
-    it were still running); an errored trial that had reported counts as COMPLETE. Here
-    a trial that finished all epochs is COMPLETE with its best value, one stopped by the
-    scheduler is PRUNED (TPE ranks it by its last intermediate value), and so is one that
-    failed because of its parameters (diverged, impossible config: the trial reported
-    ``failed``): TPE ranks pruned trials below every completed one, so it learns to avoid
-    that region. As FAIL, TPE would ignore it and keep sampling there: in the benchmark's
-    synthetic searches (8 seeds) 83 of 223 TPE trials diverged that way, 18 of 181 after.
-    A crash (an error, which says nothing about the parameters) or a never-started trial
-    is FAIL. Intermediate values are reported per epoch, NaN skipped. ``initial`` points
-    are enqueued (keys left out are sampled).
-    """
-
-    def __init__(self, *args: Any, initial: tuple[Mapping[str, Any], ...] = (), max_epochs: int,
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._max_epochs = max_epochs
-        self._best: dict[str, float] = {}
-        self._reported: dict[str, int] = {}
-        for point in initial:
-            self._ot_study.enqueue_trial(dict(point))
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-            return
-        self._record(trial_id, result)
-
-    def _record(self, trial_id: str, result: dict) -> None:
-        value, epoch = result.get(self.metric), result.get("epoch")
-        if value is None or epoch is None or not math.isfinite(value) or epoch <= self._reported.get(trial_id, 0):
-            return
-        best = self._best.get(trial_id)
-        if best is None or (value > best if self.mode == "max" else value < best):
-            self._best[trial_id] = value
-        self._reported[trial_id] = epoch
-        self._ot_trials[trial_id].report(value, epoch)
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-            return
-        if result and not error:
-            # the result that made the scheduler stop the trial reaches only this method
-            self._record(trial_id, result)
-        state = trial_state(result, error, self._max_epochs)
-        ot_trial = self._ot_trials[trial_id]
-        if state == "completed" and trial_id in self._best:
-            self._ot_study.tell(ot_trial, self._best[trial_id], state=TrialState.COMPLETE)
-        elif state == "early_stopped" or (state == "failed" and not error and (result or {}).get("failed")):
-            self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
-        else:
-            self._ot_study.tell(ot_trial, state=TrialState.FAIL)
-        self._completed_trials.add(trial_id)
-
-
-def build_searcher(space: SearchSpace):
-    """The search algorithm: seeded multivariate TPE with the constant liar, concurrency-limited."""
-    from ray.tune.search import ConcurrencyLimiter
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    budget = space.budget
-    sampler = optuna.samplers.TPESampler(seed=budget.seed, multivariate=True, constant_liar=True,
-                                         n_startup_trials=budget.tpe_startup_trials)
-    searcher = SegOptunaSearch(space.distributions(), metric=budget.metric, mode=budget.mode,
-                                      sampler=sampler, initial=space.initial, max_epochs=budget.max_epochs)
-    return ConcurrencyLimiter(searcher, max_concurrent=budget.concurrency)
-
-
-# --- the driver-side callback ----------------------------------------------------------------
-
-class SearchTracker(Callback):
-    """Ends each trial's MLflow run with its final state, from wherever Tune runs.
-
-    A trial's own process cannot be relied on for this: a scheduler stop may end it
-    before any ``finally`` runs, and a crash may kill it. The state tags it writes are
-    what :func:`run_search` reads back to tell an early-stopped trial from an interrupted
-    one, which also works when Tune runs on a cluster's head (Ray Client). Failures to
-    reach the tracking store are logged, not raised (they must not stop the search); the
-    sweep at the end of the search catches up. Tune pickles this object with the
-    experiment, so it holds only plain values.
-    """
-
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, max_epochs: int,
-                 defaults: Mapping[str, Any] | None = None) -> None:
-        self.tracking_uri = tracking_uri
-        self.defaults = dict(defaults or {})  # the base config's flat dict: names the runs it creates
-        self.experiment_id = experiment_id
-        self.parent_run_id = parent_run_id
-        self.max_epochs = max_epochs
-        self._client = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_client": None}
-
-    @property
-    def client(self) -> MlflowClient:
-        if self._client is None:
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
-        return self._client
-
-    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._safely(trial, lambda run_id: tracking.log_tags(
-            run_id, {"retries": trial.num_failures, "last_error": _error_reason(trial)}, self.client))
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        result = trial.last_result or {}
-        state = trial_state(result, False, self.max_epochs)
-        self._finish(trial, state, result.get("failure_reason"))
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, "failed", _error_reason(trial))
-
-    def _finish(self, trial: Any, state: str, reason: str | None) -> None:
-        epochs = (trial.last_result or {}).get("epoch", 0)
-
-        def end(run_id: str) -> None:
-            run = tracking.call(self.client.get_run, run_id)
-            if run.data.tags.get(runs.TAG_STATE) == state and run.info.status != "RUNNING":
-                return  # the trial recorded it itself
-            runs.set_trial_state(run_id, state, reason=reason, extra_tags={"epochs": epochs}, client=self.client)
-
-        self._safely(trial, end, create=True)
-
-    def _safely(self, trial: Any, action: Any, create: bool = False) -> None:
-        try:
-            run = runs.find_trial_run(self.experiment_id, self.parent_run_id, trial.trial_id, self.client)
-            if run is None and not create:
-                return
-            run_id = run.info.run_id if run else runs.start_trial_run(
-                self.experiment_id, self.parent_run_id, trial.trial_id,
-                runs.trial_run_name(trial.config or {}, self.defaults, trial.trial_id), client=self.client)[0]
-            action(run_id)
-        except (MlflowException, OSError) as error:
-            log.warning("could not update the MLflow run of trial %s (%s); the end of the search retries",
-                        trial.trial_id, error)
-
-
-def _exception_reason(error: BaseException) -> str:
-    """``ExceptionType: message`` of the original exception inside Ray's wrappers."""
-    cause = getattr(error, "cause", None) or error
-    return f"{type(cause).__name__}: {cause}"[:2000]
-
-
-def _error_reason(trial: Any) -> str:
-    """``ExceptionType: message`` of the trial's latest error, from Tune's error files."""
-    import cloudpickle
-
-    path = trial.pickled_error_file
-    if path and os.path.isfile(path):
-        with open(path, "rb") as file:
-            return _exception_reason(cloudpickle.load(file))
-    path = trial.error_file
-    if path and os.path.isfile(path):
-        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
-        return lines[-1][:2000] if lines else "unknown error"
-    return "unknown error (no error file)"
 
 
 # --- Ray --------------------------------------------------------------------------------------
@@ -340,8 +106,6 @@ def start_ray(num_cpus: int | None = None, address: str | None = None,
     Returns whether this call started Ray (then the caller shuts it down). Does nothing
     when Ray is already initialised in this process.
     """
-    import ray
-
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     # Tune warns each time a checkpoint forces an experiment snapshot, which
     # CheckpointConfig(num_to_keep=1) does on purpose at every epoch
@@ -370,8 +134,6 @@ def start_ray(num_cpus: int | None = None, address: str | None = None,
         # on every interface; in its single-machine mode (the default on macOS and Windows)
         # it keeps loopback. The environment variable reaches the processes ray.init starts,
         # the constant this one, which has imported Ray already.
-        from ray._private import ray_constants
-
         os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
         ray_constants.ENABLE_RAY_CLUSTER = False
         # "local": a new instance even when $RAY_ADDRESS names a cluster (that takes --address)
@@ -409,13 +171,11 @@ def run_search(space: SearchSpace, *, storage: str | Path | None = None, name: s
     else:
         search_dir = _new_search_dir(storage, name or space.name, explicit=name is not None)
         record = {}
-    space = _with_checked_data(space)
-    _check_resources(space, address)
-    space, probe_report = probing.check_memory(space, address)
+    space, probe_report = checked_space(space, address)
 
     tracking_uri = tracking.configure_mlflow(_absolute_uri(tracking_uri or tracking.default_tracking_uri()))
     client = tracking.get_client()
-    _check_tracking_server(tracking_uri)
+    check_tracking_server(tracking_uri)
     try:
         if resume:
             experiment_id, parent_run_id = record["experiment_id"], record["parent_run_id"]
@@ -431,9 +191,9 @@ def run_search(space: SearchSpace, *, storage: str | Path | None = None, name: s
     ray_started = False
     try:
         if resume:
-            tracking.log_tags(parent_run_id, {"state": "running", "resumed": int(time.time())}, client)
+            tracking.log_tags(parent_run_id, {TAG_STATE: State.RUNNING, TAG_RESUMED: int(time.time())}, client)
             # runs left RUNNING by a killed driver are interrupted until their trial resumes and reopens them
-            _sweep(experiment_id, parent_run_id, {}, client)
+            sweep(experiment_id, parent_run_id, {}, client)
         else:
             _log_search_params(parent_run_id, space, client)
             _write_record(search_dir, space, tracking_uri, experiment_id, parent_run_id)
@@ -452,12 +212,12 @@ def run_search(space: SearchSpace, *, storage: str | Path | None = None, name: s
             grid = tuner.fit()
         phases["tune"] = time.monotonic() - mark
         mark = time.monotonic()
-        summaries, interrupted = _summarise(space, search_dir, grid, experiment_id, parent_run_id, client)
-        _delete_lost_runs(experiment_id, parent_run_id, {t.trial_id for t in summaries}, client)
+        summaries, interrupted = summarise(space, search_dir, grid, experiment_id, parent_run_id, client)
+        delete_lost_runs(experiment_id, parent_run_id, {t.trial_id for t in summaries}, client)
         if not interrupted:
-            _finish_stopped_trials(summaries, experiment_id, parent_run_id, num_overlays, client)
-            _drop_last_checkpoints(search_dir, summaries)
-        _sweep(experiment_id, parent_run_id, {t.trial_id: (t.state, t.failure_reason) for t in summaries}, client)
+            finish_stopped_trials(summaries, experiment_id, parent_run_id, num_overlays, client)
+            drop_last_checkpoints(search_dir, summaries)
+        sweep(experiment_id, parent_run_id, {t.trial_id: (t.state, t.failure_reason) for t in summaries}, client)
         result = SearchResult(name=space.name, search_dir=search_dir, experiment_id=experiment_id,
                               parent_run_id=parent_run_id, tracking_uri=tracking_uri, metric=budget.metric,
                               mode=budget.mode, trials=summaries, interrupted=interrupted,
@@ -466,15 +226,13 @@ def run_search(space: SearchSpace, *, storage: str | Path | None = None, name: s
         phases["finish"] = time.monotonic() - mark
         result.wall_seconds = time.monotonic() - started
         result.summary_path.write_text(json.dumps(result.to_dict(), indent=2))
-        _close_parent(result, client)
+        close_parent(result, client)
         return result
     except BaseException as error:
-        _abort(experiment_id, parent_run_id, error, client)
+        abort(experiment_id, parent_run_id, error, client)
         raise
     finally:
         if ray_started:
-            import ray
-
             ray.shutdown()
 
 
@@ -506,9 +264,6 @@ def _write_record(search_dir: Path, space: SearchSpace, tracking_uri: str, exper
 
 
 def _tuner(space: SearchSpace, context: TrialContext, search_dir: Path, resume: bool, verbose: int):
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
     budget = space.budget
     trainable = tune.with_resources(tune.with_parameters(train_trial, context=context),
                                     {"cpu": budget.cpus_per_trial, "gpu": budget.gpus_per_trial})
@@ -522,7 +277,7 @@ def _tuner(space: SearchSpace, context: TrialContext, search_dir: Path, resume: 
     if verbose == 1:
         callbacks.append(SearchProgress(space.keys, budget.metric, budget.mode, budget.max_epochs,
                                         budget.trials * budget.max_epochs, budget.max_failures,
-                                        decode=functools.partial(_decoded, space)))
+                                        decode=functools.partial(sampled_values, space)))
     return tune.Tuner(
         trainable,
         # reuse_actors: a trial's process outlives it and runs the next one, saving the
@@ -537,237 +292,12 @@ def _tuner(space: SearchSpace, context: TrialContext, search_dir: Path, resume: 
     )
 
 
-# --- after fit ---------------------------------------------------------------------------------
-
 def trial_dirname(trial: Any) -> str:
     """Tune's directory of a trial: ``trial_<id>`` (the id is how results map to runs)."""
     return f"trial_{trial.trial_id}"
 
 
-def _summarise(space: SearchSpace, search_dir: Path, grid: Any, experiment_id: str, parent_run_id: str,
-               client: Any) -> tuple[list[TrialSummary], bool]:
-    """Rank the trials of Tune's ResultGrid; their states come from the runs' ``state`` tags.
-
-    Only a final tag (written by the trial or by :class:`SearchTracker`) says a trial
-    finished: in Tune's results an early-stopped trial and one stopped by Ctrl-C look
-    alike. A trial without one is ``interrupted`` unless its results say otherwise
-    (an error, a reported failure, or all epochs done).
-    """
-    budget = space.budget
-    by_trial = {run.data.tags.get(runs.TAG_TRIAL_ID): run
-                for run in runs.trial_runs(experiment_id, parent_run_id, client)}
-    summaries = []
-    for result in grid:
-        trial_id = (result.metrics or {}).get("trial_id") or (
-            Path(result.path).name.removeprefix("trial_") if result.path else None)
-        if trial_id is None:
-            continue  # created but never started: nothing to show
-        run = by_trial.get(trial_id)
-        tags = run.data.tags if run else {}
-        last = result.metrics or {}
-        history = _history(result)
-        by_epoch = {int(row["epoch"]): row for row in history
-                    if _finite(row.get("epoch")) and row["epoch"] >= 1 and not _finite(row.get("failed"))}
-        if tags.get(runs.TAG_STATE) in FINAL_STATES:
-            state, reason = tags[runs.TAG_STATE], tags.get(tracking.TAG_FAILURE_REASON)
-        elif result.error is not None:
-            state, reason = "failed", _exception_reason(result.error)
-        elif last.get("failed"):
-            state, reason = "failed", last.get("failure_reason")
-        elif max(by_epoch, default=0) >= budget.max_epochs:
-            state, reason = "completed", None
-        else:
-            state, reason = "interrupted", None
-        sampled = result.config or last.get("config") or {}
-        if not sampled and run is not None:  # a trial that never reported: its run has the params
-            sampled = {key: param_value(key, run.data.params[key]) for key in space.keys if key in run.data.params}
-        summary = TrialSummary(trial_id=trial_id, state=state, failure_reason=reason,
-                               run_id=run.info.run_id if run else None, params=_decoded(space, sampled),
-                               trial_seconds=float(last.get("time_total_s", 0.0) or 0.0))
-        try:
-            summary.config = space.config_for(sampled).to_dict()
-        except ConfigError:
-            summary.config = {}
-        summary.epochs = max(by_epoch, default=0)
-        summary.train_seconds = float(sum(row.get("epoch_seconds", 0.0) or 0.0 for row in by_epoch.values()))
-        values = [(row.get(budget.metric), epoch) for epoch, row in by_epoch.items()]
-        values = [(float(value), epoch) for value, epoch in values if _finite(value)]
-        if values:
-            pick = max if budget.mode == "max" else min
-            summary.best, summary.best_epoch = pick(values, key=lambda item: item[0])
-        best_file = trial_output_dir(search_dir, trial_id) / "best.pt"
-        summary.checkpoint = str(best_file) if best_file.is_file() else None
-        summaries.append(summary)
-
-    sign = -1 if budget.mode == "max" else 1
-    ranked = sorted((s for s in summaries if s.state in ("completed", "early_stopped") and math.isfinite(s.best)),
-                    key=lambda s: (sign * s.best, -s.epochs, s.trial_id))
-    for rank, summary in enumerate(ranked, 1):
-        summary.rank = rank
-    others = sorted((s for s in summaries if s.rank is None), key=lambda s: (s.state, s.trial_id))
-    interrupted = any(s.state == "interrupted" for s in summaries) or len(summaries) < budget.trials
-    return ranked + others, interrupted
-
-
-def _history(result: Any) -> list[dict[str, Any]]:
-    """Every result the trial reported (across sessions), else just its last one."""
-    frame = result.metrics_dataframe
-    if frame is None or frame.empty:
-        return [result.metrics] if result.metrics else []
-    return frame.to_dict("records")
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _finish_stopped_trials(summaries: list[TrialSummary], experiment_id: str, parent_run_id: str,
-                           num_overlays: int, client: Any) -> None:
-    """Overlays and ``best.pt`` for trials the scheduler stopped (their process could not log them)."""
-    for summary in summaries:
-        if summary.state != "early_stopped" or not summary.run_id or not summary.checkpoint:
-            continue
-        if runs.has_artifact(summary.run_id, "checkpoints/best.pt", client):
-            continue
-        directory = Path(summary.checkpoint).parent
-        logger = tracking.MlflowEpochLogger(summary.run_id, client=client, num_overlays=num_overlays,
-                                            log_checkpoint_files=False)
-        logger.checkpoint_dir = directory
-        logger.finalize()
-        tracking.log_checkpoints(summary.run_id, directory, names=("best.pt",), client=client)
-
-
-def _delete_lost_runs(experiment_id: str, parent_run_id: str, trial_ids: set[str], client: Any) -> None:
-    """Runs of trials Tune no longer knows: a driver killed before Tune's next snapshot of
-    the experiment forgets the trials it started since, and the restored searcher suggests
-    their configurations again under new ids. Tagged ``lost`` and deleted (MLflow keeps
-    deleted runs restorable), so each configuration has one run."""
-    for run in runs.trial_runs(experiment_id, parent_run_id, client):
-        if run.data.tags.get(runs.TAG_TRIAL_ID) not in trial_ids:
-            tracking.log_tags(run.info.run_id, {runs.TAG_STATE: "lost", tracking.TAG_FAILURE_REASON:
-                                                "the search's driver was killed before Ray recorded this trial; "
-                                                "its configuration was sampled again on --resume"}, client)
-            if run.info.status == "RUNNING":
-                tracking.call(client.set_terminated, run.info.run_id, "KILLED")
-            tracking.call(client.delete_run, run.info.run_id)
-
-
-def _drop_last_checkpoints(search_dir: Path, summaries: list[TrialSummary]) -> None:
-    """Finished trials keep ``best.pt`` only: their ``last.pt`` served resuming, which Tune's
-    own checkpoint copy still allows (a VGG16 checkpoint is ~1 GB)."""
-    for summary in summaries:
-        if summary.state in FINAL_STATES:
-            directory = trial_output_dir(search_dir, summary.trial_id)
-            (directory / "last.pt").unlink(missing_ok=True)
-            shutil.rmtree(directory / "report", ignore_errors=True)
-
-
-def _sweep(experiment_id: str, parent_run_id: str, states: Mapping[str, tuple[str, str | None]],
-           client: Any) -> None:
-    """End every child run still RUNNING: with its trial's state if known, else ``interrupted``."""
-    for run in runs.trial_runs(experiment_id, parent_run_id, client):
-        trial_id = run.data.tags.get(runs.TAG_TRIAL_ID)
-        state, reason = states.get(trial_id, ("interrupted", None))
-        if run.info.status == "RUNNING" or (trial_id in states and run.data.tags.get(runs.TAG_STATE) != state):
-            if state == "interrupted" and run.info.status != "RUNNING":
-                continue
-            runs.set_trial_state(run.info.run_id, state, reason=reason, client=client)
-
-
-def _close_parent(result: SearchResult, client: Any) -> None:
-    best = result.best
-    tags = {"state": "interrupted" if result.interrupted else "completed",
-            "trials_ranked": sum(t.rank is not None for t in result.trials),
-            "trials_failed": sum(t.state == "failed" for t in result.trials)}
-    if best:
-        tags.update({"best_trial_id": best.trial_id, "best_run_id": best.run_id or ""})
-        tracking.log_metrics(result.parent_run_id, {f"best_{result.metric}": best.best}, step=0, client=client)
-    tracking.log_tags(result.parent_run_id, tags, client)
-    tracking.call(client.log_artifact, result.parent_run_id, str(result.summary_path))
-    tracking.call(client.set_terminated, result.parent_run_id, "KILLED" if result.interrupted else "FINISHED")
-
-
-def _abort(experiment_id: str, parent_run_id: str, error: BaseException, client: Any) -> None:
-    """The search stopped with an exception: leave no run RUNNING, then let the error through."""
-    status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-    try:
-        _sweep(experiment_id, parent_run_id, {}, client)
-        tracking.log_tags(parent_run_id, {"state": "interrupted" if status == "KILLED" else "failed"}, client)
-        tracking.end_run(parent_run_id, status, None if status == "KILLED" else error, client)
-    except Exception as cleanup_error:  # noqa: BLE001 - the original error is the one to report
-        log.warning("could not close the MLflow runs of the search: %s", cleanup_error)
-
-
-# --- before Ray ------------------------------------------------------------------------------
-
-def _with_checked_data(space: SearchSpace) -> SearchSpace:
-    """The space with absolute ``data.root`` and ``model.weights``, after checking that both
-    data splits open (DataError) and that pretrained weights are on disk (WeightsNotFoundError)."""
-    from seg.data.cityscapes import CityscapesSegmentation, resolve_data_root
-
-    cfg = space.base_config
-    root = resolve_data_root(cfg.data.root)
-    for split in (cfg.data.train_split, cfg.data.val_split):
-        CityscapesSegmentation(root, split)
-    settings: dict[str, Any] = {"data.root": str(root)}
-    if cfg.model.weights is not None:
-        weights = Path(cfg.model.weights).expanduser().absolute()
-        if not weights.is_file():
-            raise WeightsNotFoundError(f"{space.source}: model.weights {weights} does not exist")
-        settings["model.weights"] = str(weights)
-    else:
-        _check_imagenet_weights(space)
-    return dataclasses.replace(space, base_config=cfg.with_overrides(settings))
-
-
-def _check_imagenet_weights(space: SearchSpace) -> None:
-    """Every backbone a trial may pretrain must have its ImageNet weights in the torch hub cache."""
-    from seg.models.backbones import imagenet_weights_path
-
-    def values(key: str, default: Any) -> tuple:
-        param = next((p for p in space.params if p.key == key), None)
-        return param.choices if param else (default,)
-
-    if True not in values("model.pretrained", space.base_config.model.pretrained):
-        return
-    for backbone in values("model.backbone", space.base_config.model.backbone):
-        path = imagenet_weights_path(backbone)
-        if not path.is_file():
-            raise WeightsNotFoundError(f"{space.source}: model.pretrained needs torchvision's ImageNet weights "
-                                       f"of {backbone} at {path} (no download is attempted): put the file there, "
-                                       f"set model.weights, or set model.pretrained=false")
-
-
-def _check_resources(space: SearchSpace, address: str | None) -> None:
-    budget = space.budget
-    # gpus_per_trial: auto needs no GPU (none: CPU trials); probing.check_memory resolves it
-    if address is None and budget.gpus_per_trial != "auto" and budget.gpus_per_trial > 0:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{space.source}: budget.gpus_per_trial is {budget.gpus_per_trial}, but this "
-                              f"machine has no GPU: set gpus_per_trial: 0, or --address a cluster with GPUs")
-    if address is None and budget.concurrency * budget.cpus_per_trial > (os.cpu_count() or 1):
-        log.warning("budget: %d concurrent trials x %s CPUs exceeds this machine's %d cores; trials will "
-                    "share cores", budget.concurrency, budget.cpus_per_trial, os.cpu_count())
-
-
-def _check_tracking_server(uri: str) -> None:
-    """An http(s) tracking URI must answer now (MLflow's own client retries for minutes)."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10):
-            pass
-    except urllib.error.HTTPError:
-        return  # it answered (e.g. 401 without credentials, or no /health behind a proxy)
-    except (urllib.error.URLError, OSError) as error:
-        raise TrackingError(f"cannot reach the MLflow tracking server {uri} ({error}): start it, or pass "
-                            f"another --tracking-uri (default: a SQLite file in the repository)") from None
-
+# --- the search directory and its parent run ----------------------------------------------
 
 def _new_search_dir(storage: Path, name: str, explicit: bool) -> Path:
     path = safe_child(storage, name, "--name")
@@ -782,8 +312,6 @@ def _new_search_dir(storage: Path, name: str, explicit: bool) -> Path:
 
 def _existing_search_dir(storage: Path, name: str, explicit: bool) -> Path:
     """``<storage>/<name>`` if ``explicit``, else the newest of ``<name>``, ``<name>-2``, ``<name>-3``..."""
-    from ray import tune
-
     if explicit:
         candidates = [safe_child(storage, name, "--name")]
     else:
@@ -824,14 +352,13 @@ def _absolute_uri(uri: str) -> str:
 
 def _search_tags(space: SearchSpace, search_dir: Path) -> dict[str, Any]:
     commit = runs.git_commit(str(REPO_ROOT))
-    return {"seg.search": space.name, "seg.space_file": str(space.path), "state": "running",
-            "git_commit": commit, "mlflow.source.git.commit": commit, "seed": space.budget.seed, "metric": space.budget.metric, "mode": space.budget.mode,
-            "mlflow.note.content": space.description or f"Search {space.name}: {len(space.params)} sampled fields"}
+    return {TAG_SEARCH: space.name, TAG_SPACE_FILE: str(space.path), TAG_STATE: State.RUNNING,
+            TAG_GIT_COMMIT: commit, TAG_MLFLOW_GIT_COMMIT: commit, TAG_SEED: space.budget.seed,
+            TAG_METRIC: space.budget.metric, TAG_MODE: space.budget.mode,
+            TAG_MLFLOW_NOTE: space.description or f"Search {space.name}: {len(space.params)} sampled fields"}
 
 
 def _log_search_params(run_id: str, space: SearchSpace, client: Any) -> None:
-    from mlflow.entities import Param
-
     params = {f"budget.{key}": value for key, value in dataclasses.asdict(space.budget).items()}
     params.update({f"space.{param.key}": param.describe() for param in space.params})
     params.update({f"fixed.{key}": value for key, value in space.fixed.items()})
@@ -842,38 +369,5 @@ def _log_search_params(run_id: str, space: SearchSpace, client: Any) -> None:
     if space.text:
         tracking.call(client.log_text, run_id, space.text, SPACE_COPY)
     tracking.call(client.log_text, run_id, yaml.safe_dump(space.base_config.to_dict(), sort_keys=False),
-                  "base_config.yaml")
+                  BASE_CONFIG_ARTIFACT)
 
-
-# --- helpers ---------------------------------------------------------------------------------
-
-def _decoded(space: SearchSpace, config: Mapping[str, Any]) -> dict[str, Any]:
-    try:
-        return space.decode({key: value for key, value in config.items() if key in space.keys})
-    except SegError:
-        return dict(config)
-
-
-def _short_names(keys: list[str]) -> dict[str, str]:
-    last = [key.rsplit(".", 1)[-1] for key in keys]
-    return {key: short if last.count(short) == 1 else key for key, short in zip(keys, last)}
-
-
-def _cell(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return "x".join(map(str, value))
-    if isinstance(value, float):
-        return float(f"{value:.4g}")
-    return value
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value

@@ -47,10 +47,10 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import optuna
-import yaml
 
 from seg.config import Config, coerce, config_from_dict, read_yaml
 from seg.errors import ConfigError
+from seg.tuning.records import field_hints, param_value
 
 __all__ = ["DISTRIBUTIONS", "METRICS", "Budget", "Param", "SearchSpace", "field_hints", "param_value", "load_space",
            "resolve_gpus_per_trial", "REPO_ROOT"]
@@ -70,34 +70,6 @@ _NOT_SEARCHABLE = {
     "data.root": "set it under fixed: (or in the base config)",
     "train.device": "set it under fixed:",
 }
-
-
-def field_hints() -> dict[str, Any]:
-    """``{"optim.lr": float, "data.crop_size": tuple[int, int], ...}`` for every Config field."""
-    hints = {}
-    for section in dataclasses.fields(Config):
-        section_type = typing.get_type_hints(Config)[section.name]
-        for key, hint in typing.get_type_hints(section_type).items():
-            hints[f"{section.name}.{key}"] = hint
-    return hints
-
-
-def param_value(key: str, text: str) -> Any:
-    """A logged MLflow param (a string, see ``seg.tuning.tracking.log_config``) back to the
-    config value of the dotted key ``key``: ``"None"`` is None, ``"[64, 128]"`` a tuple."""
-    hint = field_hints().get(key)
-    if text == "None":
-        return None
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if hint is None:
-        return value
-    try:
-        return coerce(value, hint, key, "logged param")
-    except ConfigError:
-        return text  # e.g. a string field whose value reads as a number in YAML
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,8 @@ from mlflow.utils.uri import is_local_uri  # noqa: E402
 
 import seg  # noqa: E402
 from seg.config import Config  # noqa: E402
+from seg.tuning.records import (CHECKPOINTS_ARTIFACT, CONFIG_ARTIFACT, TAG_FAILURE_REASON,  # noqa: E402
+                                TAG_FAILURE_TYPE, TAG_PARENT, TAG_RESUMED_FROM)
 
 if TYPE_CHECKING:  # torch is imported only where a model is trained or run, so a driver stays light
     from seg.engine import EpochResult, FitResult
@@ -60,8 +62,6 @@ __all__ = ["REPO_ROOT", "TAG_FAILURE_REASON", "TAG_FAILURE_TYPE", "default_track
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(seg.__file__).resolve().parent.parent
-TAG_FAILURE_TYPE = "failure_type"
-TAG_FAILURE_REASON = "failure_reason"
 _MAX_TAG_LENGTH = 5000  # MLflow's limit is 8000; keep well clear
 _MAX_PARAM_LENGTH = 6000
 _RETRIES = 10
@@ -140,7 +140,7 @@ def start_run(experiment_id: str, run_name: str | None = None, tags: Mapping[str
     """
     tags = {key: str(value) for key, value in (tags or {}).items()}
     if parent_run_id is not None:
-        tags["mlflow.parentRunId"] = parent_run_id
+        tags[TAG_PARENT] = parent_run_id
     run = call(get_client(client).create_run, experiment_id, tags=tags, run_name=run_name)
     return run.info.run_id
 
@@ -185,7 +185,7 @@ def log_config(run_id: str, cfg: Config, client: MlflowClient | None = None) -> 
     params = [Param(key, _param_value(value)) for key, value in cfg.flat_dict().items()]
     for chunk in range(0, len(params), 100):  # MLflow's log_batch limit
         call(client.log_batch, run_id, params=params[chunk:chunk + 100])
-    call(client.log_text, run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
+    call(client.log_text, run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), CONFIG_ARTIFACT)
 
 
 def log_metrics(run_id: str, metrics: Mapping[str, float], step: int, client: MlflowClient | None = None) -> None:
@@ -272,10 +272,10 @@ def log_checkpoints(run_id: str, checkpoint_dir: str | Path, names: tuple[str, .
         path = Path(checkpoint_dir) / name
         if path.is_file():
             if local is not None:
-                (local / "checkpoints").mkdir(parents=True, exist_ok=True)
-                copy_checkpoint(path, local / "checkpoints" / name)
+                (local / CHECKPOINTS_ARTIFACT).mkdir(parents=True, exist_ok=True)
+                copy_checkpoint(path, local / CHECKPOINTS_ARTIFACT / name)
             else:
-                call(client.log_artifact, run_id, str(path), "checkpoints")
+                call(client.log_artifact, run_id, str(path), CHECKPOINTS_ARTIFACT)
             logged.append(name)
     return logged
 
@@ -353,7 +353,7 @@ def tracked_fit(cfg: Config, out_dir: str | Path, run_id: str, *, resume: str | 
     with run_context(run_id, client):
         log_config(run_id, cfg, client)
         if resume is not None:
-            log_tags(run_id, {"seg.resumed_from": Path(resume).absolute()}, client)
+            log_tags(run_id, {TAG_RESUMED_FROM: Path(resume).absolute()}, client)
         logger = MlflowEpochLogger(run_id, client=client, num_overlays=num_overlays,
                                    log_checkpoint_files=log_checkpoint_files)
 

@@ -8,7 +8,7 @@ storage directory and keeps the newest (``CheckpointConfig(num_to_keep=1)``); a 
 or restored trial resumes from it through ``fit(resume=...)``.
 
 What ends a trial, and who records it. The final ``state`` tag and status of the run
-are written by the driver's callback (``seg.tuning.search.SearchTracker``), once Tune has
+are written by the driver's callback (``seg.tuning.tracker.SearchTracker``), once Tune has
 processed the trial's last result, so MLflow never says "completed" about an epoch Tune
 has not seen (an interrupted search resumes it):
 
@@ -44,13 +44,14 @@ from seg.checkpoint import copy_checkpoint
 from seg.engine import EpochResult, fit
 from seg.errors import ConfigError, DivergenceError, WeightsNotFoundError
 from seg.tuning import runs, tracking
+from seg.tuning.records import (TAG_EPOCHS, TAG_FAILURE_REASON, TAG_FAILURE_TYPE, TAG_LAST_ERROR, TAG_RESUMED_FROM,
+                                TAG_SAMPLED_KEYS, TAG_SAMPLED_PREFIX, TAG_SEARCH, TRIALS_SUBDIR)
 from seg.tuning.space import SearchSpace
 
 __all__ = ["TrialContext", "NOT_RETRIED", "train_trial", "trial_output_dir"]
 
 # deterministic failures: a retry would fail the same way
 NOT_RETRIED = (DivergenceError, ConfigError, WeightsNotFoundError)
-TRIALS_SUBDIR = "trials"
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,7 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
     run_id, created = runs.start_trial_run(context.experiment_id, context.parent_run_id, trial_id,
                                            run_name=runs.trial_run_name(config, space.base_config.flat_dict(),
                                                                         trial_id), client=client,
-                                           tags={"seg.search": space.name,
-                                                 "seg.sampled_keys": ",".join(space.keys)})
+                                           tags={TAG_SEARCH: space.name, TAG_SAMPLED_KEYS: ",".join(space.keys)})
     reported_epochs = 0
     artifacts_logged = False
 
@@ -99,15 +99,14 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
         reason = f"{type(error).__name__}: {error}"
         # epochs completed: a resumed trial may diverge before its first report of this session
         epochs = getattr(error, "epoch", reported_epochs + 1) - 1
-        tracking.log_tags(run_id, {tracking.TAG_FAILURE_REASON: reason,
-                                   tracking.TAG_FAILURE_TYPE: type(error).__name__}, client)
+        tracking.log_tags(run_id, {TAG_FAILURE_REASON: reason, TAG_FAILURE_TYPE: type(error).__name__}, client)
         tune.report({metric: math.nan, "epoch": epochs, "failed": 1, "failure_reason": reason})
 
     try:
         cfg = space.config_for(config)
     except ConfigError as error:
         if created:
-            tracking.log_tags(run_id, {f"sampled.{key}": value for key, value in config.items()}, client)
+            tracking.log_tags(run_id, {f"{TAG_SAMPLED_PREFIX}{key}": value for key, value in config.items()}, client)
         fail(error)
         return
     if created:
@@ -140,7 +139,7 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
         logger.checkpoint_dir = out_dir
         logger.finalize()
         tracking.log_checkpoints(run_id, out_dir, names=("best.pt",), client=client)
-        tracking.log_tags(run_id, {"epochs": epochs}, client)
+        tracking.log_tags(run_id, {TAG_EPOCHS: epochs}, client)
         artifacts_logged = True
 
     checkpoint = tune.get_checkpoint()
@@ -148,7 +147,7 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
         with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as restored:
             resume = Path(restored) / "last.pt" if restored else None
             if resume is not None:
-                tracking.log_tags(run_id, {"seg.resumed_from": str(resume)}, client)
+                tracking.log_tags(run_id, {TAG_RESUMED_FROM: str(resume)}, client)
             fit(cfg, out_dir, on_epoch_end=on_epoch_end, resume=resume)
         if not artifacts_logged:  # resumed from the checkpoint of its last epoch: nothing left to train
             log_final_artifacts(cfg.train.epochs)
@@ -156,7 +155,7 @@ def train_trial(config: dict[str, Any], context: TrialContext) -> None:
         fail(error)
     except Exception as error:
         # a crash: Tune retries it (or the driver records the failure); keep the reason meanwhile
-        tracking.log_tags(run_id, {"last_error": f"{type(error).__name__}: {error}"}, client)
+        tracking.log_tags(run_id, {TAG_LAST_ERROR: f"{type(error).__name__}: {error}"}, client)
         raise
 
 

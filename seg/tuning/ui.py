@@ -35,8 +35,9 @@ from mlflow.tracking import MlflowClient
 
 from seg.errors import TrackingError
 from seg.tuning import tracking
-from seg.tuning.report import TAG_SAMPLED_KEYS, find_search_run, objective, sqlite_path
-from seg.tuning.runs import TAG_PARENT, trial_runs
+from seg.tuning.records import TAG_PARENT, TAG_SAMPLED_KEYS, TAG_SHARED_VIEW_PREFIX
+from seg.tuning.report import find_search_run, objective, sqlite_path
+from seg.tuning.runs import trial_runs
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "SearchLinks", "Server", "is_loopback", "port_is_free", "free_port",
            "search_links", "trials_view", "server_command", "serve"]
@@ -46,9 +47,7 @@ DEFAULT_PORT = 5000
 START_TIMEOUT_S = 90.0
 # the MLflow 3 UI opens experiments in its GenAI view unless told otherwise
 _WORKFLOW = "workflowType=machine_learning"
-# A view the UI's "Share" button saves: an experiment tag holding the view as JSON, opened by
-# ?viewStateShareKey=<key> (MLflow 3.17's runs page; it also reads uncompressed JSON).
-SHARED_VIEW_TAG = "mlflow.sharedViewState."
+SHARED_VIEW_TAG = TAG_SHARED_VIEW_PREFIX
 VIEW_METRICS = ("val_miou", "val_pixel_accuracy", "val_loss", "train_loss")  # shown after the objective
 
 
