@@ -40,7 +40,8 @@ def test_the_runs_link_opens_a_saved_view_of_the_trials(fake_search, tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    from seg.tuning.ui import SHARED_VIEW_TAG, search_links
+    from seg.tuning.records import TAG_SHARED_VIEW_PREFIX as SHARED_VIEW_TAG
+    from seg.tuning.ui import search_links
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = fake_search(uri, "by_loss", [[0.1, 0.3], [0.2, 0.25]], val_losses=[[0.9, 0.5], [0.8, 0.7]],

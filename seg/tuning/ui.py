@@ -47,7 +47,6 @@ DEFAULT_PORT = 5000
 START_TIMEOUT_S = 90.0
 # the MLflow 3 UI opens experiments in its GenAI view unless told otherwise
 _WORKFLOW = "workflowType=machine_learning"
-SHARED_VIEW_TAG = TAG_SHARED_VIEW_PREFIX
 VIEW_METRICS = ("val_miou", "val_pixel_accuracy", "val_loss", "train_loss")  # shown after the objective
 
 
@@ -133,7 +132,7 @@ def trials_view(client: MlflowClient, experiment_id: str, parent_id: str, metric
     }
     text = json.dumps(view, sort_keys=True)
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
-    tracking.call(client.set_experiment_tag, experiment_id, f"{SHARED_VIEW_TAG}{key}", text)
+    tracking.call(client.set_experiment_tag, experiment_id, f"{TAG_SHARED_VIEW_PREFIX}{key}", text)
     return key
 
 
