@@ -9,7 +9,8 @@ Overrides are dotted config keys (``optim.lr=0.01``). Checkpoints go to
 ``outputs/<run name>`` (or ``--out-dir``). The run is logged to ``--tracking-uri``, else
 ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<repo>/mlflow.db``: params (the whole config),
 per-epoch metrics, the per-class IoU table of the best epoch, prediction overlays and the
-best/last checkpoints. See them with ``mlflow ui --backend-store-uri <uri>``.
+best/last checkpoints. See them with ``mlflow ui --backend-store-uri <uri>``. On a
+terminal a progress bar runs over each epoch's steps, below a line per epoch.
 
 Exit status: 0 on success, 2 for an expected error (bad config or data, unreadable
 checkpoint, diverged training, missing weights) with a one-line message, 130 on Ctrl-C.
@@ -23,6 +24,9 @@ import signal
 import sys
 import time
 from pathlib import Path
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from seg.checkpoint import load_checkpoint
 from seg.config import load_config
@@ -40,6 +44,33 @@ def output_dir(run_name: str, out_dir: str | None) -> Path:
     if out_dir is not None:
         return Path(out_dir).absolute()
     return safe_child(OUTPUTS, run_name, "--run-name")
+
+
+class StepBar:
+    """A progress bar over each epoch's steps on a terminal (tqdm, on stderr); nothing when
+    stderr is not one (logs, CI), where the engine's lines every 20 steps say as much.
+    Log lines are written above the bar (``logging_redirect_tqdm``)."""
+
+    def __init__(self, epochs: int, enabled: bool | None = None) -> None:
+        self.epochs = epochs
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.bar: tqdm | None = None
+
+    def __call__(self, epoch: int, step: int, steps: int | None, loss: float | None) -> None:
+        if not self.enabled:
+            return
+        if step == 1:
+            self.close()
+            self.bar = tqdm(total=steps, desc=f"epoch {epoch}/{self.epochs}", unit="step", leave=False,
+                            dynamic_ncols=True)
+        self.bar.update(1)
+        if loss is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -87,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
             "seg.command": "train", "seg.config_file": Path(args.config).absolute(), "seg.out_dir": out_dir,
             "seg.overrides": " ".join(args.overrides)})
         print(f"mlflow run {run_id} ('{run_name}') in experiment '{args.experiment}' at {uri}")
-        result = tracking.tracked_fit(cfg, out_dir, run_id, resume=args.resume)
+        bar = StepBar(cfg.train.epochs)
+        try:
+            with logging_redirect_tqdm():  # the root logger's lines (basicConfig) above the bar
+                result = tracking.tracked_fit(cfg, out_dir, run_id, resume=args.resume, on_step=bar)
+        finally:
+            bar.close()
     except EXPECTED_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

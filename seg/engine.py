@@ -24,6 +24,7 @@ deterministic, so on GPU the numbers agree only closely.)
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -119,13 +120,16 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
                     max_steps: int | None = None, scaler: torch.amp.GradScaler | None = None,
                     amp_dtype: torch.dtype | None = None, channels_last: bool = False,
                     grad_clip: float | None = None, log_every: int = 20,
-                    check_every_step: bool | None = None) -> dict[str, float]:
+                    check_every_step: bool | None = None,
+                    on_step: Callable[[int, int | None, float | None], None] | None = None) -> dict[str, float]:
     """One pass over ``loader`` (at most ``max_steps`` batches), stepping ``scheduler`` per step.
 
     Returns ``loss`` (mean over steps), ``lr`` (of the last step), ``steps`` and
     ``seconds``. Raises DivergenceError on a non-finite loss, checked before every
     optimiser step when ``check_every_step`` (default: unless on CUDA), else on the
     device and read every ``log_every`` steps (see the module docstring).
+    ``on_step(step, total, loss)`` is called after each step (a progress bar); ``loss`` is
+    None on the steps where reading it would make the host wait for the device.
     """
     model.train()
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
@@ -149,6 +153,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         lr = optimizer.param_groups[0]["lr"]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = loss_fn(model(images), targets)
+        value = None
         if check_each_step:
             value = loss.item()
             if not math.isfinite(value):
@@ -166,6 +171,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if on_step is not None:
+            on_step(step, total, value)
         if step % log_every == 0 or step == total:
             if not check_each_step:
                 _raise_if_bad(first_bad, bad_loss, epoch, total, optimizer)
@@ -213,12 +220,15 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, num_class
 
 
 def fit(cfg: Config, out_dir: str | Path, on_epoch_end: Callable[[EpochResult], None] | None = None,
-        resume: str | Path | None = None) -> FitResult:
+        resume: str | Path | None = None,
+        on_step: Callable[[int, int, int | None, float | None], None] | None = None) -> FitResult:
     """Train ``cfg`` from scratch, or from the checkpoint ``resume``, writing checkpoints to ``out_dir``.
 
     After each epoch: ``out_dir/last.pt`` is written, ``out_dir/best.pt`` too when val mIoU
     improved, then ``on_epoch_end(EpochResult)`` is called; whatever it raises propagates
-    (that is how Ray Tune stops a trial). Raises DivergenceError on a non-finite loss.
+    (that is how Ray Tune stops a trial). ``on_step(epoch, step, steps, loss)`` is called
+    after every training step (see :func:`train_one_epoch`). Raises DivergenceError on a
+    non-finite loss.
     """
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -281,7 +291,8 @@ def fit(cfg: Config, out_dir: str | Path, on_epoch_end: Callable[[EpochResult], 
             sampler.set_epoch(epoch - 1)  # the order and augmentation of this epoch, also when resuming
         train = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, device, epoch=epoch,
                                 max_steps=cfg.train.max_steps_per_epoch, scaler=scaler, amp_dtype=amp_dtype,
-                                channels_last=channels_last, grad_clip=cfg.optim.grad_clip)
+                                channels_last=channels_last, grad_clip=cfg.optim.grad_clip,
+                                on_step=None if on_step is None else functools.partial(on_step, epoch))
         metrics = {"train_loss": train["loss"], "lr": train["lr"]}
         is_best = False
         if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:

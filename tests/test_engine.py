@@ -232,3 +232,28 @@ def test_overlay_panel_is_image_ground_truth_and_prediction_side_by_side() -> No
     assert (panel[1:, 14:24] == PALETTE[0]).all() and (panel[0, 14:24] == 0).all()
     assert (panel[:, 28:] == PALETTE[10]).all()
     assert (panel[:, 10:14] == 255).all()  # white gap
+
+
+def test_on_step_is_called_after_every_step_with_the_loss_on_cpu(tiny_config: Config, tmp_path: Path) -> None:
+    calls: list[tuple[int, int, int | None, float | None]] = []
+    fit(tiny_config, tmp_path, on_step=lambda *args: calls.append(args))
+    steps = 6 // tiny_config.data.batch_size  # 6 train images, the last incomplete batch dropped
+    assert [(epoch, step, total) for epoch, step, total, _ in calls] == \
+        [(epoch, step, steps) for epoch in (1, 2) for step in range(1, steps + 1)]
+    assert all(isinstance(loss, float) and math.isfinite(loss) for *_, loss in calls)
+
+
+def test_train_script_draws_a_bar_over_the_steps_only_on_a_terminal(capsys: pytest.CaptureFixture) -> None:
+    from helpers import load_script
+
+    bar = load_script("train").StepBar(epochs=2, enabled=True)
+    for step in (1, 2, 3):
+        bar(1, step, 3, 0.5)
+    assert bar.bar.n == 3 and "loss=0.5000" in str(bar.bar)
+    bar(2, 1, 3, None)  # a new epoch: a new bar
+    assert bar.bar.n == 1 and bar.bar.desc == "epoch 2/2"
+    bar.close()
+    assert "epoch 1/2" in capsys.readouterr().err
+    silent = load_script("train").StepBar(epochs=2, enabled=False)
+    silent(1, 1, 3, 0.5)
+    assert silent.bar is None

@@ -339,7 +339,8 @@ class MlflowEpochLogger:
 
 def tracked_fit(cfg: Config, out_dir: str | Path, run_id: str, *, resume: str | Path | None = None,
                 client: MlflowClient | None = None, num_overlays: int = 3, log_checkpoint_files: bool = True,
-                on_epoch_end: Callable[[EpochResult], None] | None = None) -> FitResult:
+                on_epoch_end: Callable[[EpochResult], None] | None = None,
+                on_step: Callable[[int, int, int | None, float | None], None] | None = None) -> FitResult:
     """``seg.engine.fit`` tracked in the run ``run_id``, which it ends (see :func:`run_context`).
 
     Logs the config as params, every epoch's metrics, the per-class IoU table of the best
@@ -363,7 +364,7 @@ def tracked_fit(cfg: Config, out_dir: str | Path, run_id: str, *, resume: str | 
                 on_epoch_end(result)
 
         try:
-            result = fit(cfg, out_dir, on_epoch_end=on_epoch, resume=resume)
+            result = fit(cfg, out_dir, on_epoch_end=on_epoch, resume=resume, on_step=on_step)
         except KeyboardInterrupt:
             raise  # be quick: the user wants out
         except BaseException:
