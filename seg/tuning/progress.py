@@ -24,6 +24,7 @@ from typing import Any, TextIO
 from ray.tune import Callback
 
 from seg.tuning.records import State, trial_state
+from seg.tuning.space import short_names
 
 __all__ = ["SearchProgress", "format_value"]
 
@@ -54,8 +55,7 @@ class SearchProgress(Callback):
                  max_failures: int = 0, decode: Any = None, interval: float = 60.0,
                  stream: TextIO | None = None) -> None:
         self.keys = keys
-        last = [key.rsplit(".", 1)[-1] for key in keys]
-        self.names = {key: short if last.count(short) == 1 else key for key, short in zip(keys, last)}
+        self.names = short_names(keys)
         self.metric, self.mode, self.max_epochs, self.budget_epochs = metric, mode, max_epochs, budget_epochs
         self.max_failures = max_failures
         self.decode = decode

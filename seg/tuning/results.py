@@ -26,7 +26,7 @@ from seg.tuning import runs, tracking
 from seg.tuning.records import (CHECKPOINTS_ARTIFACT, FINAL_STATES, SCORED_STATES, TAG_BEST_RUN_ID, TAG_BEST_TRIAL_ID,
                                 TAG_FAILURE_REASON, TAG_STATE, TAG_TRIAL_ID, TAG_TRIALS_FAILED, TAG_TRIALS_RANKED,
                                 State, param_value, trial_state)
-from seg.tuning.space import SearchSpace
+from seg.tuning.space import SearchSpace, short_names
 from seg.tuning.tracker import exception_reason
 from seg.tuning.trainable import trial_output_dir
 
@@ -86,7 +86,7 @@ class SearchResult:
     def table(self, max_params: int = 10):
         """The ranked trials as a pandas DataFrame (one column per sampled key)."""
         keys = list(dict.fromkeys(key for trial in self.trials for key in trial.params))[:max_params]
-        short = _short_names(keys)
+        short = short_names(keys)
         rows = []
         for trial in self.trials:
             row = {"rank": trial.rank if trial.rank is not None else "-", "trial": trial.trial_id,
@@ -270,11 +270,6 @@ def sampled_values(space: SearchSpace, config: Mapping[str, Any]) -> dict[str, A
         return space.decode({key: value for key, value in config.items() if key in space.keys})
     except SegError:
         return dict(config)
-
-
-def _short_names(keys: list[str]) -> dict[str, str]:
-    last = [key.rsplit(".", 1)[-1] for key in keys]
-    return {key: short if last.count(short) == 1 else key for key, short in zip(keys, last)}
 
 
 def _cell(value: Any) -> Any:

@@ -44,7 +44,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 import optuna
 
@@ -52,7 +52,7 @@ from seg.config import Config, coerce, config_from_dict, read_yaml
 from seg.errors import ConfigError
 from seg.tuning.records import field_hints, param_value
 
-__all__ = ["DISTRIBUTIONS", "METRICS", "Budget", "Param", "SearchSpace", "field_hints", "param_value", "load_space",
+__all__ = ["DISTRIBUTIONS", "METRICS", "Budget", "Param", "SearchSpace", "field_hints", "param_value", "short_names", "load_space",
            "resolve_gpus_per_trial", "REPO_ROOT"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -182,6 +182,12 @@ class SearchSpace:
     @property
     def source(self) -> str:
         return str(self.path) if self.path else f"search space '{self.name}'"
+
+
+def short_names(keys: Sequence[str]) -> dict[str, str]:
+    """Each dotted key's last part (``optim.lr`` -> ``lr``) where no other key shares it, for tables."""
+    last = [key.rsplit(".", 1)[-1] for key in keys]
+    return {key: short if last.count(short) == 1 else key for key, short in zip(keys, last)}
 
 
 def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None,
