@@ -19,6 +19,7 @@ checkpoint, diverged training, missing weights) with a one-line message, 130 on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlflow run {run_id} ('{run_name}') in experiment '{args.experiment}' at {uri}")
         bar = StepBar(cfg.train.epochs)
         try:
-            with logging_redirect_tqdm():  # the root logger's lines (basicConfig) above the bar
+            # on a terminal, the root logger's lines (basicConfig) are written above the bar
+            with logging_redirect_tqdm() if bar.enabled else contextlib.nullcontext():
                 result = tracking.tracked_fit(cfg, out_dir, run_id, resume=args.resume, on_step=bar)
         finally:
             bar.close()
