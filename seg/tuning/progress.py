@@ -134,7 +134,8 @@ class SearchProgress(Callback):
         best = f"; best {self.metric} {self._best[0]:.4f} ({self._best[1]})" if self._best else ""
         header = ["trial", "state", "epoch", self.metric, "loss", "lr now", *(self.names[key] for key in self.keys)]
         rows = [[trial_id, row.get("state", ""), str(row.get("epoch", 0)), _number(row.get(self.metric), ".4f"),
-                 _number(row.get("loss"), ".3f"), _number(row.get("lr"), ".1e"), *(row.get(key, "") for key in self.keys)]
+                 _number(row.get("loss"), ".3f"), _number(row.get("lr"), ".1e"),
+                 *(row.get(key, "") for key in self.keys)]
                 for trial_id, row in self._rows.items()]
         widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
         lines = ["  ".join(str(cell).rjust(width) for cell, width in zip(line, widths)) for line in [header, *rows]]

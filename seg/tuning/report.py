@@ -56,8 +56,8 @@ from seg.tuning.runs import trial_runs
 from seg.tuning.space import METRICS, SearchSpace, space_from_dict
 
 __all__ = ["METRIC", "MODE", "FINISHED_STATES", "MIN_TRIALS_FOR_IMPORTANCE", "TOP_CURVES", "Trial", "Search", "connect",
-           "sqlite_path", "find_search_run", "objective", "load_search", "config_from_run", "param_value",
-           "trials_table", "markdown_table", "importance", "write_report", "log_report"]
+           "sqlite_path", "find_search_run", "objective", "load_search", "sampled_keys", "config_from_run",
+           "param_value", "trials_table", "markdown_table", "importance", "write_report", "log_report"]
 
 # the objective of a search whose parent run records none (see objective())
 METRIC = "val_miou"
@@ -237,12 +237,16 @@ def load_search(client: MlflowClient, name: str | None = None) -> Search:
     trials = tuple(sorted((_trial(client, child, metric, mode) for child in children),
                           key=lambda t: (t.start_time, t.name)))
     space = _logged_space(client, run)
-    tagged = [key for child in children for key in child.data.tags.get(TAG_SAMPLED_KEYS, "").split(",") if key]
-    keys = (list(dict.fromkeys(tagged)) or (list(space.keys) if space is not None else [])
-            or _varying_keys(trials))
+    keys = sampled_keys(children) or (list(space.keys) if space is not None else []) or _varying_keys(trials)
     return Search(name=run.info.run_name or run.info.run_id, experiment_name=experiment.name,
                   experiment_id=run.info.experiment_id, run=run, trials=trials, keys=tuple(keys), space=space,
                   tracking_uri=client.tracking_uri, metric=metric, mode=mode)
+
+
+def sampled_keys(trials: Iterable[Run]) -> list[str]:
+    """The dotted keys the trial runs' search sampled (their ``seg.sampled_keys`` tags), in order."""
+    return list(dict.fromkeys(key for run in trials
+                              for key in run.data.tags.get(TAG_SAMPLED_KEYS, "").split(",") if key))
 
 
 def config_from_run(client: MlflowClient, run: Run) -> Config:

@@ -28,8 +28,8 @@ from seg.tuning.records import (STATUS_OF_STATE, TAG_FAILURE_REASON, TAG_FAILURE
 from seg.tuning.tracking import call, get_client, log_tags
 
 # the records' names re-exported here are those older code and tests import from this module
-__all__ = ["trial_state", "trial_run_name", "TAG_TRIAL_ID", "TAG_STATE", "TAG_SEARCH_DIR", "TAG_ROLE", "STATUS_OF_STATE", "git_commit",
-           "start_search_run", "find_trial_run", "start_trial_run", "trial_runs",
+__all__ = ["trial_state", "trial_run_name", "TAG_TRIAL_ID", "TAG_STATE", "TAG_SEARCH_DIR", "TAG_ROLE",
+           "STATUS_OF_STATE", "git_commit", "start_search_run", "find_trial_run", "start_trial_run", "trial_runs",
            "set_trial_state", "reopen_run", "has_artifact"]
 
 

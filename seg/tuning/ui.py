@@ -35,8 +35,8 @@ from mlflow.tracking import MlflowClient
 
 from seg.errors import TrackingError
 from seg.tuning import tracking
-from seg.tuning.records import TAG_PARENT, TAG_SAMPLED_KEYS, TAG_SHARED_VIEW_PREFIX
-from seg.tuning.report import find_search_run, objective, sqlite_path
+from seg.tuning.records import TAG_PARENT, TAG_SHARED_VIEW_PREFIX
+from seg.tuning.report import find_search_run, objective, sampled_keys, sqlite_path
 from seg.tuning.runs import trial_runs
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "SearchLinks", "Server", "is_loopback", "port_is_free", "free_port",
@@ -99,8 +99,7 @@ def search_links(client: MlflowClient, base_url: str, search: str | None = None)
     metric, mode = objective(run)
     children = sorted(trial_runs(experiment_id, parent_id, client), key=lambda r: r.info.start_time or 0)
     trials = [r.info.run_id for r in children]
-    keys = list(dict.fromkeys(key for child in children
-                              for key in child.data.tags.get(TAG_SAMPLED_KEYS, "").split(",") if key))
+    keys = sampled_keys(children)
     base = base_url.rstrip("/")
     view = trials_view(client, experiment_id, parent_id, metric, mode, keys)
     runs = f"{base}/#/experiments/{experiment_id}/runs?{_WORKFLOW}&viewStateShareKey={view}"
