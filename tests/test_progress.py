@@ -45,6 +45,25 @@ def test_a_line_per_start_and_end_with_the_parameters_and_the_metric() -> None:
     assert printer.done() == "5/32"
 
 
+def test_a_crash_says_whether_it_is_retried_and_why(tmp_path) -> None:
+    out = io.StringIO()
+    printer = progress(out)
+    trial = fake_trial("aaaa0001")
+    error_file = tmp_path / "error.txt"
+    error_file.write_text("Traceback (most recent call last):\n  ...\nRuntimeError: worker died\n")
+    trial.pickled_error_file, trial.error_file = None, str(error_file)
+    printer.on_trial_start(0, [], trial)
+    printer.on_trial_result(0, [], trial, {"epoch": 2, "val_miou": 0.2})
+    trial.num_failures = 1
+    printer.on_trial_recover(0, [], trial)
+    trial.num_failures = 2
+    printer.on_trial_error(0, [], trial)
+    lines = out.getvalue().splitlines()
+    assert "trial aaaa0001 crashed after 2 epochs, retry 1 of 1: RuntimeError: worker died" in lines[1]
+    assert "trial aaaa0001 failed after 2 epochs, 2 crash(es): RuntimeError: worker died" in lines[2]
+    assert printer._rows["aaaa0001"]["state"] == "failed"
+
+
 def test_the_table_shows_every_trial_and_the_best_so_far() -> None:
     out = io.StringIO()
     printer = progress(out, interval=0.0)

@@ -25,6 +25,7 @@ from ray.tune import Callback
 
 from seg.tuning.records import State, trial_state
 from seg.tuning.space import short_names
+from seg.tuning.tracker import error_reason
 
 __all__ = ["SearchProgress", "format_value"]
 
@@ -111,10 +112,16 @@ class SearchProgress(Callback):
         ending = f"completed {_epochs(epochs)}" if state == State.COMPLETED else f"{state} after {_epochs(epochs)}"
         self._print(f"trial {trial.trial_id} {ending}: {shown}")
 
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        # Tune retries a crashed trial from its last checkpoint (up to max_failures times)
+        self._print(f"trial {trial.trial_id} crashed after {_epochs(self._epochs.get(trial.trial_id, 0))}, "
+                    f"retry {trial.num_failures} of {self.max_failures}: {_first_line(error_reason(trial))}")
+
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._row(trial)["state"] = "error"
-        retry = " (retried from its checkpoint)" if trial.num_failures <= self.max_failures else ""
-        self._print(f"trial {trial.trial_id} crashed after {_epochs(self._epochs.get(trial.trial_id, 0))}{retry}")
+        # a crash with no retry left
+        self._row(trial)["state"] = State.FAILED
+        self._print(f"trial {trial.trial_id} failed after {_epochs(self._epochs.get(trial.trial_id, 0))}, "
+                    f"{trial.num_failures} crash(es): {_first_line(error_reason(trial))}")
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         now = time.monotonic()
@@ -162,6 +169,10 @@ def _finite(value: Any) -> bool:
 
 def _number(value: Any, spec: str) -> str:
     return format(value, spec) if _finite(value) else "-"
+
+
+def _first_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0]
 
 
 def _epochs(count: int) -> str:

@@ -21,7 +21,7 @@ from ray.tune import Callback
 from seg.tuning import runs, tracking
 from seg.tuning.records import TAG_EPOCHS, TAG_LAST_ERROR, TAG_RETRIES, TAG_STATE, State, trial_state
 
-__all__ = ["SearchTracker", "exception_reason"]
+__all__ = ["SearchTracker", "exception_reason", "error_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class SearchTracker(Callback):
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._safely(trial, lambda run_id: tracking.log_tags(
-            run_id, {TAG_RETRIES: trial.num_failures, TAG_LAST_ERROR: _error_reason(trial)}, self.client))
+            run_id, {TAG_RETRIES: trial.num_failures, TAG_LAST_ERROR: error_reason(trial)}, self.client))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
@@ -66,7 +66,7 @@ class SearchTracker(Callback):
         self._finish(trial, state, result.get("failure_reason"))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, State.FAILED, _error_reason(trial))
+        self._finish(trial, State.FAILED, error_reason(trial))
 
     def _finish(self, trial: Any, state: State, reason: str | None) -> None:
         epochs = (trial.last_result or {}).get("epoch", 0)
@@ -99,7 +99,7 @@ def exception_reason(error: BaseException) -> str:
     return f"{type(cause).__name__}: {cause}"[:2000]
 
 
-def _error_reason(trial: Any) -> str:
+def error_reason(trial: Any) -> str:
     """``ExceptionType: message`` of the trial's latest error, from Tune's error files."""
     path = trial.pickled_error_file
     if path and os.path.isfile(path):
