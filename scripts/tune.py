@@ -59,8 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                         help="config value for every trial, e.g. --set data.root=/data/cityscapes")
     parser.add_argument("--overlays", type=int, default=3, help="prediction overlays logged per trial")
-    parser.add_argument("--quiet", action="store_true", help="print nothing while the search runs")
-    parser.add_argument("--verbose", action="store_true", help="Ray Tune's own progress output (every trial's "
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--quiet", action="store_true", help="print nothing while the search runs")
+    output.add_argument("--verbose", action="store_true", help="Ray Tune's own progress output (every trial's "
                                                                "config and results) instead of the short lines")
     return parser.parse_args(argv)
 

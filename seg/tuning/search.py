@@ -71,8 +71,8 @@ from seg.tuning import runs, tracking
 from seg.tuning.preflight import check_tracking_server, checked_space
 from seg.tuning.progress import SearchProgress
 from seg.tuning.records import (BASE_CONFIG_ARTIFACT, PROBE_FILE, SEARCH_RECORD, SPACE_COPY, SPACE_PICKLE, SUMMARY_FILE,
-                                TAG_GIT_COMMIT, TAG_METRIC, TAG_MLFLOW_GIT_COMMIT, TAG_MLFLOW_NOTE, TAG_MODE, TAG_RESUMED,
-                                TAG_SEARCH, TAG_SEED, TAG_SPACE_FILE, TAG_STATE, State, trial_state)
+                                TAG_GIT_COMMIT, TAG_METRIC, TAG_MLFLOW_GIT_COMMIT, TAG_MLFLOW_NOTE, TAG_MODE,
+                                TAG_RESUMED, TAG_SEARCH, TAG_SEED, TAG_SPACE_FILE, TAG_STATE, State, trial_state)
 from seg.tuning.records import param_value as param_value  # imported from here by older code and tests
 from seg.tuning.results import (SearchResult, TrialSummary, abort, close_parent, delete_lost_runs,
                                 drop_last_checkpoints, finish_stopped_trials, sampled_values, summarise, sweep)

@@ -52,8 +52,8 @@ from seg.config import Config, coerce, config_from_dict, read_yaml
 from seg.errors import ConfigError
 from seg.tuning.records import field_hints, param_value
 
-__all__ = ["DISTRIBUTIONS", "METRICS", "Budget", "Param", "SearchSpace", "field_hints", "param_value", "short_names", "load_space",
-           "resolve_gpus_per_trial", "REPO_ROOT"]
+__all__ = ["DISTRIBUTIONS", "METRICS", "Budget", "Param", "SearchSpace", "field_hints", "param_value", "short_names",
+           "load_space", "resolve_gpus_per_trial", "REPO_ROOT"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
